@@ -1,0 +1,21 @@
+"""The `lossforge` command line (typer). Each command group lives in its own module."""
+
+from __future__ import annotations
+
+import typer
+
+from flows.cli import data_cmd, loss_cmd
+
+app = typer.Typer(
+    name="lossforge",
+    help="Search loss functions aligned with your evaluation metric.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+app.add_typer(loss_cmd.app, name="loss", help="Inspect, screen and export loss JSON files.")
+app.add_typer(data_cmd.app, name="data", help="Generate the embedded dataset and write splits.")
+
+
+def main() -> None:  # pragma: no cover - console entry point
+    """Entry point used by `python -m flows.cli`."""
+    app()
