@@ -1,0 +1,472 @@
+"""The AutoLoss-Zero search loop: generation → loss rejection → gradient-equivalence check → proxy hand-out.
+
+`SearchEngine` is what the flows drive (plain Python, no Prefect/MLflow):
+
+    engine = SearchEngine(problem, task="segmentation", config=EvolutionConfig(budget=500), seed=0)
+    while not engine.done:
+        cand = engine.next_candidate()          # None: every remaining proxy evaluation is in flight
+        result = train_proxy(...cand.graph...)  # ProxyResult, possibly in parallel, in any order
+        engine.report(cand.id, result)
+        engine.save("state.json")               # a killed search resumes from here
+
+Decisions (tested in tests/test_search_engine.py):
+- Screening and equivalence: the gradient fingerprint of each generated graph is computed first; a
+  fingerprint already in the cache reuses the stored screening verdict (no 500-step protocol), and,
+  if the earlier candidate already has a proxy result ("ok" or "nan"), that result too. Such a
+  gradient-duplicate is added to the population with the reused score, recorded in `history` with
+  status "duplicate-reused" and counted in `counters["duplicates"]`; it does NOT consume the proxy
+  budget (the paper skips its re-evaluation). Failed proxy runs ("failed": an exception, maybe
+  transient) are not cached, so an equivalent loss is trained again. A fingerprint that matches a
+  candidate still in flight is not a duplicate yet: it is handed out for training too.
+- The budget counts proxy results reported (evaluated + nan_stopped + failed). `next_candidate()`
+  returns None once reported + in-flight reaches the budget; `done` is True once reported ≥ budget.
+- Generation/mutation is repeated for the same parent until a child passes the protocol; after
+  `config.max_attempts` rejected children `next_candidate()` raises `SearchStalledError` (a
+  LossforgeError) with the rejection counts, rather than returning None (None means "budget used").
+- Funnel counters: generated = accepted + Σ rejected_<reason>; accepted = duplicates + handed out.
+- State (`save` / `SearchEngine.load`) is one JSON file: evolution window and in-flight individuals,
+  rng state, id counter, history, counters, progress curve, configs, problem key and the cache (inline,
+  or the path of its own file which is saved alongside). In-flight candidates at save time are handed
+  out again by `next_candidate()` after a restore, with the same id, before anything new is generated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import random
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+from components.atomic_io import read_json, write_json_atomic
+from components.errors import LossforgeError
+from components.evolution import EvolutionConfig, Individual, RegularizedEvolution, SearchStalledError
+
+STATE_FORMAT = "lossforge.search/1"
+
+__all__ = ["Candidate", "SearchEngine", "SearchStalledError", "STATE_FORMAT"]
+
+_STATUS_OF = {"ok": "evaluated", "nan": "nan-stopped", "failed": "failed"}
+_COUNTER_OF = {"ok": "evaluated", "nan": "nan_stopped", "failed": "failed"}
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A screened, accepted, non-duplicate loss graph to be trained on the proxy task."""
+
+    id: int
+    graph: Any  # LossGraph
+    parent_id: int | None
+    mutation: str
+    screening: Any  # ScreeningResult
+
+
+def _slug(reason: str) -> str:
+    slug = re.sub(r"[^0-9a-zA-Z]+", "_", str(reason) or "unknown").strip("_").lower()
+    return slug or "unknown"
+
+
+def _finite(value: Any) -> float | None:
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        return None
+    return value if math.isfinite(value) else None
+
+
+def _json_metrics(metrics: Mapping[str, Any] | None) -> dict[str, float | None]:
+    return {str(k): _finite(v) for k, v in (metrics or {}).items()}
+
+
+def _screening_to_dict(result: Any) -> dict[str, Any]:
+    return {
+        "accepted": bool(result.accepted),
+        "score": _finite(result.score),
+        "reason": str(result.reason),
+        "fingerprint": None if result.fingerprint is None else [float(v) for v in result.fingerprint],
+        "seconds": float(result.seconds),
+    }
+
+
+def _screening_from_dict(data: Mapping[str, Any]) -> Any:
+    from components.rejection import ScreeningResult
+
+    fp = data.get("fingerprint")
+    return ScreeningResult(
+        accepted=bool(data["accepted"]),
+        score=data.get("score"),
+        reason=str(data["reason"]),
+        fingerprint=None if fp is None else tuple(float(v) for v in fp),
+        seconds=float(data.get("seconds", 0.0)),
+    )
+
+
+def _config_to_dict(config: Any) -> dict[str, Any]:
+    out = {}
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        out[f.name] = list(value) if isinstance(value, tuple) else value
+    return out
+
+
+def _config_from_dict(cls: type, data: Mapping[str, Any]) -> Any:
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name in data:
+            value = data[f.name]
+            kwargs[f.name] = tuple(value) if isinstance(value, list) else value
+    unknown = set(data) - {f.name for f in dataclasses.fields(cls)}
+    if unknown:
+        raise LossforgeError(f"{cls.__name__}: unknown field(s) {sorted(unknown)}")
+    return cls(**kwargs)
+
+
+class SearchEngine:
+    """Regularised evolution + loss rejection + gradient-equivalence cache, steady-state, resumable.
+
+    `problem` is a components.rejection.ScreeningProblem (its `key` names task + metric + probe data);
+    `cache` an EquivalenceCache for that key (a fresh in-memory one by default, or give `cache_path`).
+    """
+
+    def __init__(
+        self,
+        problem: Any,
+        task: str = "segmentation",
+        config: EvolutionConfig | None = None,
+        screening_config: Any = None,
+        seed: int = 0,
+        cache: Any = None,
+        cache_path: str | Path | None = None,
+    ):
+        from components.equivalence import EquivalenceCache
+        from components.generation import TreeGenerator
+        from components.rejection import ScreeningConfig
+
+        self.problem = problem
+        self.task = task
+        self.config = config or EvolutionConfig()
+        self.screening_config = screening_config or ScreeningConfig()
+        self.seed = int(seed)
+        if cache is None:
+            cache = EquivalenceCache(None if cache_path is None else Path(cache_path), problem.key)
+        self.cache = cache
+        self.rng = random.Random(self.seed)
+        self.generator = self._make_generator(TreeGenerator)
+        self.evolution = RegularizedEvolution(self.config, self.generator, task, self.rng)
+        self.counters: dict[str, int] = {
+            "generated": 0,
+            "accepted": 0,
+            "screening_reused": 0,
+            "duplicates": 0,
+            "evaluated": 0,
+            "nan_stopped": 0,
+            "failed": 0,
+        }
+        self.history: list[dict[str, Any]] = []
+        self.progress: list[dict[str, Any]] = []
+        self._pending: dict[int, Candidate] = {}
+        self._reissue: list[int] = []
+        self._last_screening: Any = None
+
+    def _make_generator(self, tree_generator: type) -> Any:
+        from components.loss_graph import TASK_BRANCHES
+
+        branches = TASK_BRANCHES.get(self.task)
+        if not branches:
+            raise LossforgeError(f"search: unknown task {self.task!r} (known: {sorted(TASK_BRANCHES)})")
+        inputs = next(iter(branches.values()))
+        return tree_generator(self.config.operator_set, inputs, depth=self.config.depth, rng=self.rng)
+
+    # ----------------------------------------------------------------- funnel
+    @property
+    def reported(self) -> int:
+        """Proxy results received so far (what the budget counts)."""
+        return self.counters["evaluated"] + self.counters["nan_stopped"] + self.counters["failed"]
+
+    @property
+    def in_flight(self) -> int:
+        """Candidates handed out and not reported yet."""
+        return len(self._pending)
+
+    @property
+    def done(self) -> bool:
+        """True once the proxy budget is used up."""
+        return self.reported >= self.config.budget
+
+    def funnel(self) -> dict[str, int]:
+        """The counters plus `in_flight` (a copy, for logging)."""
+        out = dict(self.counters)
+        out["in_flight"] = self.in_flight
+        return out
+
+    # ----------------------------------------------------------------- screening
+    def _fingerprint(self, graph: Any) -> tuple[float, ...] | None:
+        from components.equivalence import gradient_fingerprint
+
+        try:
+            fp = tuple(float(v) for v in gradient_fingerprint(graph, self.problem))
+        except Exception:  # a bad candidate: screen() will reject it with a reason
+            return None
+        return fp if fp and all(math.isfinite(v) for v in fp) else None
+
+    def _screen(self, graph: Any) -> bool:
+        """Acceptance test handed to the evolution: loss rejection, reusing cached verdicts."""
+        from components.rejection import screen
+
+        self.counters["generated"] += 1
+        start = time.perf_counter()
+        fp = self._fingerprint(graph)
+        entry = self.cache.get(fp) if fp is not None else None
+        if entry is not None and "screening" in entry:
+            self.counters["screening_reused"] += 1
+            data = dict(entry["screening"], fingerprint=list(fp), seconds=time.perf_counter() - start)
+            result = _screening_from_dict(data)
+        else:
+            result = screen(graph, self.problem, self.screening_config)
+            key = result.fingerprint if result.fingerprint is not None else fp
+            if key is not None and all(math.isfinite(float(v)) for v in key):
+                key = tuple(float(v) for v in key)
+                stored = dict(self.cache.get(key) or {})
+                stored["screening"] = {k: v for k, v in _screening_to_dict(result).items()
+                                       if k not in ("fingerprint", "seconds")}
+                self.cache.put(key, stored)
+            if result.fingerprint is None and fp is not None:
+                result = dataclasses.replace(result, fingerprint=fp)
+        if not result.accepted:
+            name = f"rejected_{_slug(result.reason)}"
+            self.counters[name] = self.counters.get(name, 0) + 1
+            return False
+        self.counters["accepted"] += 1
+        self._last_screening = result
+        return True
+
+    # ----------------------------------------------------------------- hand-out / report
+    def next_candidate(self) -> Candidate | None:
+        """The next loss graph to train on the proxy task, or None when the budget is all handed out.
+
+        Gradient-duplicates of already evaluated losses are resolved here from the cache (no budget used).
+        Raises SearchStalledError when `config.max_attempts` children in a row fail screening.
+        """
+        while self._reissue:
+            cid = self._reissue.pop(0)
+            if cid in self._pending:
+                return self._pending[cid]
+        if self.reported + self.in_flight >= self.config.budget:
+            return None
+        for _ in range(self.config.max_attempts):
+            self._last_screening = None
+            ind = self.evolution.ask(accept=self._screen)
+            screening = self._last_screening
+            fp = screening.fingerprint
+            entry = self.cache.get(tuple(fp)) if fp is not None else None
+            proxy = (entry or {}).get("proxy")
+            if proxy and proxy.get("status") in ("ok", "nan"):
+                self._reuse(ind, screening, proxy)
+                continue
+            cand = Candidate(ind.id, ind.graph, ind.parent_id, ind.mutation, screening)
+            self._pending[cand.id] = cand
+            return cand
+        raise SearchStalledError(
+            f"search: {self.config.max_attempts} accepted candidates in a row were gradient-duplicates "
+            "of evaluated losses (the search space looks exhausted)"
+        )
+
+    def _reuse(self, ind: Individual, screening: Any, proxy: Mapping[str, Any]) -> None:
+        target = _finite(proxy.get("target")) if proxy.get("status") == "ok" else None
+        self.evolution.tell(ind.id, target, status="duplicate")
+        self.counters["duplicates"] += 1
+        record = self._record(ind.id, ind.graph, ind.parent_id, ind.mutation, screening)
+        record.update(
+            status="duplicate-reused",
+            proxy_status=proxy.get("status"),
+            reused_from=proxy.get("candidate_id"),
+            target=target,
+            metrics=dict(proxy.get("metrics") or {}),
+        )
+        self.history.append(record)
+        self._log_progress()
+
+    def report(self, candidate_id: int, result: Any) -> dict[str, Any]:
+        """Record a proxy result (ProxyResult-like: status "ok"|"nan"|"failed", metrics, target, ...).
+
+        Updates the equivalence cache and the evolution; returns the history record.
+        """
+        cand = self._pending.pop(candidate_id, None)
+        if cand is None:
+            raise LossforgeError(f"search: candidate {candidate_id!r} is not in flight (unknown or already reported)")
+        status = str(getattr(result, "status", "failed"))
+        if status not in _STATUS_OF:
+            self._pending[candidate_id] = cand
+            raise LossforgeError(f"search: proxy result status must be one of {sorted(_STATUS_OF)}, got {status!r}")
+        target = _finite(getattr(result, "target", None))
+        if status == "ok" and target is None:
+            status = "nan"  # an "ok" run with a NaN/missing target score is treated as NaN-stopped
+        score = target if status == "ok" else None
+        self.evolution.tell(cand.id, score, status=status)
+        self.counters[_COUNTER_OF[status]] += 1
+        metrics = _json_metrics(getattr(result, "metrics", None))
+        record = self._record(cand.id, cand.graph, cand.parent_id, cand.mutation, cand.screening)
+        record.update(
+            status=_STATUS_OF[status],
+            target=score,
+            metrics=metrics,
+            iterations=getattr(result, "iterations", None),
+            seconds=_finite(getattr(result, "seconds", None)),
+            message=str(getattr(result, "message", "") or ""),
+        )
+        self.history.append(record)
+        fp = cand.screening.fingerprint
+        if status in ("ok", "nan") and fp is not None:
+            key = tuple(float(v) for v in fp)
+            entry = dict(self.cache.get(key) or {})
+            if "proxy" not in entry:  # keep the first evaluation of an equivalence class
+                entry["proxy"] = {"status": status, "target": score, "metrics": metrics,
+                                  "candidate_id": cand.id, "hash": record["hash"]}
+                self.cache.put(key, entry)
+        self._log_progress()
+        return record
+
+    def _record(self, cid: int, graph: Any, parent_id: int | None, mutation: str, screening: Any) -> dict[str, Any]:
+        from components.loss_json import graph_to_dict
+
+        return {
+            "id": cid,
+            "hash": graph.hash(),
+            "canonical": graph.canonical(),
+            "formula": graph.formula(),
+            "graph": graph_to_dict(graph),
+            "parent_id": parent_id,
+            "mutation": mutation,
+            "screening_score": _finite(screening.score),
+            "screening_seconds": float(screening.seconds),
+            "fingerprint": None if screening.fingerprint is None else [float(v) for v in screening.fingerprint],
+            "status": None,
+            "target": None,
+            "metrics": {},
+            "iterations": None,
+            "seconds": None,
+            "message": "",
+            "reused_from": None,
+        }
+
+    def _log_progress(self) -> None:
+        self.progress.append({
+            "evaluations": self.reported,
+            "generated": self.counters["generated"],
+            "top5_mean": self.evolution.top_mean(5),
+        })
+
+    def best(self) -> dict[str, Any] | None:
+        """The history record of the best evaluated (trained, status "evaluated") candidate, or None."""
+        evaluated = [r for r in self.history if r["status"] == "evaluated" and r["target"] is not None]
+        if not evaluated:
+            return None
+        return max(evaluated, key=lambda r: (r["target"], -r["id"]))
+
+    def progress_curve(self) -> list[dict[str, Any]]:
+        """Fig. 4 data: after each result, mean target of the top-5 of the population vs evaluations."""
+        return list(self.progress)
+
+    # ----------------------------------------------------------------- persistence
+    def state_dict(self) -> dict[str, Any]:
+        """The whole search state as JSON-able data (graphs through loss_json, no pickle)."""
+        cache_path = getattr(self.cache, "path", None)
+        state = {
+            "format": STATE_FORMAT,
+            "task": self.task,
+            "problem_key": self.problem.key,
+            "seed": self.seed,
+            "config": self.config.to_dict(),
+            "screening_config": _config_to_dict(self.screening_config),
+            "evolution": self.evolution.state_dict(),
+            "pending": [
+                {"id": c.id, "screening": _screening_to_dict(c.screening)} for c in self._pending.values()
+            ],
+            "counters": dict(self.counters),
+            "history": self.history,
+            "progress": self.progress,
+            "cache": {"path": str(cache_path)} if cache_path else {"entries": _cache_entries(self.cache)},
+        }
+        return state
+
+    def save(self, path: str | Path) -> Path:
+        """Write the state atomically as JSON (and the cache's own file, if it has one)."""
+        if getattr(self.cache, "path", None):
+            self.cache.save()
+        return write_json_atomic(path, self.state_dict())
+
+    @classmethod
+    def load(cls, path: str | Path, problem: Any, cache: Any = None) -> "SearchEngine":
+        """Restore a saved search for `problem` (whose key must match the saved one).
+
+        In-flight candidates at save time are handed out again by `next_candidate()`.
+        """
+        state = read_json(path)
+        try:
+            return cls.from_state_dict(state, problem, cache=cache)
+        except LossforgeError as exc:
+            raise LossforgeError(f"{path}: {exc}") from None
+
+    @classmethod
+    def from_state_dict(cls, state: Any, problem: Any, cache: Any = None) -> "SearchEngine":
+        """Rebuild a SearchEngine from `state_dict()` output (validated)."""
+        from components.equivalence import EquivalenceCache
+        from components.rejection import ScreeningConfig
+
+        if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+            got = state.get("format") if isinstance(state, dict) else type(state).__name__
+            raise LossforgeError(f"not a search state: format must be {STATE_FORMAT!r}, got {got!r}")
+        if state.get("problem_key") != problem.key:
+            raise LossforgeError(
+                f"search state belongs to problem {state.get('problem_key')!r} (task/metric/probe data), "
+                f"not to {problem.key!r}"
+            )
+        try:
+            config = EvolutionConfig.from_dict(state["config"])
+            screening_config = _config_from_dict(ScreeningConfig, state["screening_config"])
+            cache_state = state["cache"]
+            if cache is None:
+                if cache_state.get("path"):
+                    cache = EquivalenceCache(Path(cache_state["path"]), problem.key)
+                else:
+                    cache = EquivalenceCache(None, problem.key)
+                    for item in cache_state["entries"]:
+                        cache.put(tuple(float(v) for v in item["fingerprint"]), item["entry"])
+            engine = cls(problem, task=state["task"], config=config, screening_config=screening_config,
+                         seed=int(state["seed"]), cache=cache)
+            engine.evolution.load_state_dict(state["evolution"])
+            in_flight = engine.evolution.in_flight
+            pending = {}
+            for item in state["pending"]:
+                ind = in_flight.get(int(item["id"]))
+                if ind is None:
+                    raise LossforgeError(f"pending candidate {item['id']} is not in flight in the evolution state")
+                pending[ind.id] = Candidate(ind.id, ind.graph, ind.parent_id, ind.mutation,
+                                            _screening_from_dict(item["screening"]))
+            if set(pending) != set(in_flight):
+                raise LossforgeError("pending candidates and in-flight individuals disagree")
+            counters = {str(k): int(v) for k, v in dict(state["counters"]).items()}
+            history = list(state["history"])
+            progress = list(state["progress"])
+        except LossforgeError:
+            raise
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise LossforgeError(f"search state: missing or invalid field ({exc!r})") from None
+        engine.counters.update(counters)
+        engine.history, engine.progress = history, progress
+        engine._pending = pending
+        engine._reissue = list(pending)
+        return engine
+
+
+def _cache_entries(cache: Any) -> list[dict[str, Any]]:
+    """In-memory cache contents as a JSON list (fingerprint → entry)."""
+    entries = getattr(cache, "entries", None)
+    if callable(entries):
+        entries = entries()
+    if entries is None:
+        raise LossforgeError("search: this equivalence cache can be saved only through its own file (give cache_path)")
+    return [{"fingerprint": [float(v) for v in fp], "entry": entry} for fp, entry in dict(entries).items()]
