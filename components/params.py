@@ -1,0 +1,292 @@
+"""Validate `params.yaml` (pydantic) and build the components' config dataclasses from it.
+
+`params.yaml` holds the papers' values at the top level and named profiles (e.g. `demo`, a tiny CPU
+run) under `profiles:`; a profile is a partial copy of the top-level sections that is deep-merged over
+them. `load_params(path, profile=None)` returns a validated `Params`; every error is one line that names
+the file, the field and the bad value, e.g. `params.yaml: search.budget: must be > 0 (got -3)`.
+
+Sections that configure a component (`evolution`, `screening`, `proxy`, `retrain`, `ppo`) are
+checked against that component's frozen config dataclass: unknown keys and wrongly typed values are
+errors, missing keys take the dataclass defaults.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import importlib
+import json
+from pathlib import Path
+from typing import Any, Literal, Mapping
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
+
+from components.errors import LossforgeError
+
+METRICS = ("gAcc", "mAcc", "mIoU", "FWIoU", "BIoU", "BF1")
+TASKS = ("segmentation",)
+METHODS = ("evolution", "ppo")
+RUNNERS = ("threads", "processes", "ray", "dask")
+
+# section -> (module, dataclass, keys this section may carry besides the dataclass fields)
+COMPONENT_SECTIONS: dict[str, tuple[str, str, frozenset[str]]] = {
+    "evolution": ("components.evolution", "EvolutionConfig", frozenset()),
+    "screening": ("components.rejection", "ScreeningConfig", frozenset({"size"})),
+    "proxy": ("components.proxy_training", "ProxyConfig", frozenset()),
+    "retrain": ("components.proxy_training", "ProxyConfig", frozenset({"baselines"})),
+    "ppo": ("components.ppo", "PPOConfig", frozenset({"metrics", "pieces", "family"})),
+}
+
+
+class ParamsError(LossforgeError):
+    """A malformed or invalid params.yaml (message names the file and the field)."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataParams(_Section):
+    """Where the dataset comes from: the embedded shapes set (generated) or your VOC/COCO/folder data."""
+
+    path: str = "data/shapes"
+    generate: bool = True
+    num_train: int = Field(1464, gt=0)
+    num_test: int = Field(300, gt=0)
+    image_size: int = Field(128, ge=16)
+    seed: int = 0
+
+
+class SplitParams(_Section):
+    """S_train / S_eval carved from the training images (the test images are only used for re-training)."""
+
+    dir: str = "data/splits"
+    eval_fraction: float | None = Field(None, gt=0, lt=1)
+    eval_count: int | None = Field(None, gt=0)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _one_of(self) -> "SplitParams":
+        if self.eval_fraction is None and self.eval_count is None:
+            raise ValueError("set one of eval_fraction or eval_count")
+        if self.eval_fraction is not None and self.eval_count is not None:
+            raise ValueError("set only one of eval_fraction or eval_count")
+        return self
+
+
+class SearchParams(_Section):
+    """What to search for and how the search is run."""
+
+    task: Literal["segmentation"] = "segmentation"
+    metric: str = "mIoU"
+    method: Literal["evolution", "ppo"] = "evolution"
+    budget: int = Field(500, gt=0)
+    workers: int = Field(1, gt=0)
+    losses_per_training: int = Field(1, gt=0)
+    runner: Literal["threads", "processes", "ray", "dask"] = "threads"
+    seed: int = 0
+    out_dir: str = "losses"
+    state_dir: str = ".lossforge/runs"
+    task_retries: int = Field(1, ge=0)
+
+    @field_validator("metric")
+    @classmethod
+    def _known_metric(cls, value: str) -> str:
+        if value not in METRICS:
+            raise ValueError(f"unknown metric, expected one of {', '.join(METRICS)}")
+        return value
+
+
+class ReportParams(_Section):
+    """Where reports go and how many of the best losses they list."""
+
+    dir: str = "reports"
+    top_k: int = Field(5, gt=0)
+
+
+class TrackingParams(_Section):
+    """MLflow tracking store (a local SQLite file by default; an http:// URI for a server)."""
+
+    uri: str = "sqlite:///mlruns/mlflow.db"
+    artifacts: str = "mlruns/artifacts"
+    enabled: bool = True
+
+
+class Params(BaseModel):
+    """The validated content of params.yaml with one profile applied."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    profile: str = "paper"
+    data: DataParams = DataParams()
+    split: SplitParams = SplitParams(eval_fraction=0.2)
+    search: SearchParams = SearchParams()
+    evolution: dict[str, Any] = {}
+    screening: dict[str, Any] = {}
+    proxy: dict[str, Any] = {}
+    retrain: dict[str, Any] = {}
+    ppo: dict[str, Any] = {}
+    report: ReportParams = ReportParams()
+    tracking: TrackingParams = TrackingParams()
+    profiles: dict[str, dict[str, Any]] = {}
+    source: str = Field("params.yaml", exclude=True)
+
+    # ---------------------------------------------------------------- derived values
+    def search_fingerprint(self) -> str:
+        """Hash of everything that changes what a search computes (not where it logs / how many workers)."""
+        keep = {
+            "data": self.data.model_dump(),
+            "split": self.split.model_dump(),
+            "search": self.search.model_dump(exclude={"workers", "runner", "out_dir", "state_dir", "task_retries"}),
+            "evolution": self.evolution,
+            "screening": self.screening,
+            "proxy": self.proxy,
+            "ppo": self.ppo,
+        }
+        blob = json.dumps(keep, sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()[:10]
+
+    @property
+    def search_name(self) -> str:
+        """`<task>-<metric>`: the folder name under losses/ and reports/."""
+        return f"{self.search.task}-{self.search.metric}"
+
+    @property
+    def search_id(self) -> str:
+        """Identifies one search: same parameters, same id (resume); any change, a new search."""
+        return f"{self.search_name}-{self.search.method}-{self.search_fingerprint()}"
+
+    def config(self, section: str, **overrides: Any) -> Any:
+        """Build the component config dataclass for `section` (e.g. "proxy" -> ProxyConfig)."""
+        module, cls_name, extra = COMPONENT_SECTIONS[section]
+        cls = getattr(importlib.import_module(module), cls_name)
+        values = {k: v for k, v in getattr(self, section).items() if k not in extra}
+        values.update(overrides)
+        return _build_dataclass(cls, values, f"{self.source}: {section}")
+
+    def section_extra(self, section: str, key: str, default: Any = None) -> Any:
+        """A non-dataclass key of a component section (e.g. screening.size, retrain.baselines)."""
+        return getattr(self, section).get(key, default)
+
+    def with_overrides(self, overrides: Mapping[str, Any]) -> "Params":
+        """Return a copy with dotted-key overrides applied (e.g. {"search.budget": 4}), re-validated."""
+        raw = self.model_dump(exclude={"profiles"})
+        for dotted, value in overrides.items():
+            if value is None:
+                continue
+            node = raw
+            *parents, leaf = dotted.split(".")
+            for key in parents:
+                node = node.setdefault(key, {})
+            node[leaf] = value
+        return _validate(raw, self.source, self.profiles)
+
+
+def _build_dataclass(cls: type, values: Mapping[str, Any], where: str) -> Any:
+    """Validate `values` against the dataclass `cls` and build it; errors name `where.<field>`."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key, value in values.items():
+        if key not in names:
+            raise ParamsError(f"{where}.{key}: unknown field (known: {', '.join(sorted(names))})")
+    try:
+        checked = TypeAdapter(cls).validate_python(dict(values))
+    except ValidationError as exc:
+        raise ParamsError(_first_error(exc, where)) from None
+    except (TypeError, ValueError, LossforgeError) as exc:  # __post_init__ checks of the component
+        raise ParamsError(f"{where}: {exc}") from None
+    return checked
+
+
+def _first_error(exc: ValidationError, where: str) -> str:
+    err = exc.errors()[0]
+    loc = ".".join(str(p) for p in err["loc"])
+    if loc:
+        field = f"{where}.{loc}" if ": " in where else f"{where}: {loc}"
+    else:
+        field = where
+    ctx = err.get("ctx") or {}
+    kind = err["type"]
+    if kind == "greater_than":
+        msg = f"must be > {ctx['gt']}"
+    elif kind == "greater_than_equal":
+        msg = f"must be >= {ctx['ge']}"
+    elif kind == "less_than":
+        msg = f"must be < {ctx['lt']}"
+    elif kind == "less_than_equal":
+        msg = f"must be <= {ctx['le']}"
+    elif kind == "extra_forbidden":
+        return f"{field}: unknown field"
+    elif kind == "missing":
+        return f"{field}: required field is missing"
+    else:
+        msg = str(err["msg"]).removeprefix("Value error, ")
+        msg = msg[0].lower() + msg[1:] if msg else msg
+    if "input" in err and kind != "model_type":
+        return f"{field}: {msg} (got {err['input']!r})"
+    return f"{field}: {msg}"
+
+
+def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for key, value in over.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def _validate(raw: Mapping[str, Any], source: str, profiles: Mapping[str, Any]) -> Params:
+    try:
+        params = Params.model_validate({**raw, "profiles": dict(profiles), "source": source})
+    except ValidationError as exc:
+        raise ParamsError(_first_error(exc, source)) from None
+    for section in COMPONENT_SECTIONS:  # check component sections now if the component exists
+        module = COMPONENT_SECTIONS[section][0]
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            continue
+        params.config(section)
+    return params
+
+
+def parse_params(raw: Any, source: str = "params.yaml", profile: str | None = None) -> Params:
+    """Validate an already-parsed params mapping and apply `profile` (default: its `profile:` key)."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, Mapping):
+        raise ParamsError(f"{source}: expected a mapping of sections at the top level (got {type(raw).__name__})")
+    profiles = raw.get("profiles") or {}
+    if not isinstance(profiles, Mapping):
+        raise ParamsError(f"{source}: profiles: expected a mapping of profile names (got {profiles!r})")
+    name = profile if profile is not None else raw.get("profile", "paper")
+    base = {k: v for k, v in raw.items() if k != "profiles"}
+    if name not in (None, "paper"):
+        if name not in profiles:
+            known = ", ".join(["paper", *profiles]) or "paper"
+            raise ParamsError(f"{source}: profile: unknown profile {name!r} (known: {known})")
+        override = profiles[name] or {}
+        if not isinstance(override, Mapping):
+            raise ParamsError(f"{source}: profiles.{name}: expected a mapping (got {override!r})")
+        base = _merge(base, override)
+    base["profile"] = name or "paper"
+    return _validate(base, source, profiles)
+
+
+def load_params(path: str | Path = "params.yaml", profile: str | None = None) -> Params:
+    """Read and validate a params.yaml file; `profile` overrides its `profile:` key."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ParamsError(f"{path}: file not found") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise ParamsError(f"{path}: invalid YAML{where} ({getattr(exc, 'problem', exc)})") from None
+    return parse_params(raw, source=path.name if path.name == "params.yaml" else str(path), profile=profile)

@@ -1,0 +1,267 @@
+"""MLflow tracking of a search: one experiment per search, a parent run, one nested run per evaluated candidate.
+
+All MLflow calls are made from the flow's main thread through one `SearchTracker` (parallel trainings only
+compute; their results are logged here), and every call is retried on transient store errors such as
+SQLite's "database is locked". Logging is idempotent: candidates are identified by the tag
+`lossforge.candidate_key`, so re-running a killed search never duplicates runs (`sync()` logs only the
+records that are missing, and finishes or replaces runs left half-written by the kill).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping, TypeVar
+
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+TAG_SEARCH = "lossforge.search_id"
+TAG_KIND = "lossforge.kind"
+TAG_KEY = "lossforge.candidate_key"
+MAX_TAG = 5000  # MLflow allows 8000 characters per tag value; full formulas are in the loss JSON artifact
+
+
+def resolve_tracking_uri(uri: str, root: str | Path = ".") -> str:
+    """Make a relative `sqlite:///` or file path URI absolute against `root` (the project directory)."""
+    root = Path(root).resolve()
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        path = root / uri[len("sqlite:///") :]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return f"sqlite:///{path}"
+    return uri
+
+
+def with_retries(fn: Callable[[], T], what: str, attempts: int = 8, delay: float = 0.25) -> T:
+    """Call `fn`, retrying on transient tracking-store errors (locked SQLite, connection resets)."""
+    for attempt in range(1, attempts + 1):
+        try:
+            return fn()
+        except Exception as exc:  # MlflowException, sqlalchemy OperationalError, requests errors
+            text = str(exc).lower()
+            transient = any(
+                s in text for s in ("locked", "busy", "connection", "timed out", "temporarily", "503", "502")
+            )
+            if not transient or attempt == attempts:
+                raise
+            log.warning("mlflow %s failed (%s), retry %d/%d", what, exc, attempt, attempts)
+            time.sleep(delay * attempt)
+    raise AssertionError("unreachable")
+
+
+def _clip(value: Any) -> str:
+    text = str(value)
+    return text if len(text) <= MAX_TAG else text[: MAX_TAG - 3] + "..."
+
+
+class SearchTracker:
+    """Logs one search to MLflow (see module docstring). Create it, call `start()`, then `sync()` as
+    records arrive, `log_search_state()` after each population update and `finish()` at the end."""
+
+    def __init__(
+        self,
+        tracking_uri: str,
+        experiment: str,
+        search_id: str,
+        artifact_root: str | Path | None = None,
+        params: Mapping[str, Any] | None = None,
+    ):
+        self.tracking_uri = tracking_uri
+        self.experiment_name = experiment
+        self.search_id = search_id
+        self.artifact_root = artifact_root
+        self.params = dict(params or {})
+        self.client = MlflowClient(tracking_uri=tracking_uri)
+        self.experiment_id: str | None = None
+        self.parent_run_id: str | None = None
+        self.logged: dict[str, str] = {}  # candidate_key -> run_id (finished runs only)
+        self._step = 0
+
+    # ------------------------------------------------------------------ set-up
+    def start(self) -> str:
+        """Find or create the experiment and the parent run (resuming one left by an earlier attempt)."""
+        exp = with_retries(lambda: self.client.get_experiment_by_name(self.experiment_name), "get experiment")
+        if exp is None:
+            location = None
+            if self.artifact_root is not None and not self.tracking_uri.startswith(("http://", "https://")):
+                folder = Path(self.artifact_root).resolve() / self.experiment_name
+                folder.mkdir(parents=True, exist_ok=True)
+                location = folder.as_uri()
+            try:
+                self.experiment_id = with_retries(
+                    lambda: self.client.create_experiment(self.experiment_name, artifact_location=location),
+                    "create experiment",
+                )
+            except MlflowException:  # created concurrently
+                self.experiment_id = self.client.get_experiment_by_name(self.experiment_name).experiment_id
+        else:
+            self.experiment_id = exp.experiment_id
+            if exp.lifecycle_stage == "deleted":
+                self.client.restore_experiment(exp.experiment_id)
+        runs = self._search(f"tags.`{TAG_SEARCH}` = '{self.search_id}' and tags.`{TAG_KIND}` = 'search'")
+        if runs:
+            self.parent_run_id = runs[0].info.run_id
+            with_retries(lambda: self.client.update_run(self.parent_run_id, status="RUNNING"), "update run")
+        else:
+            run = with_retries(
+                lambda: self.client.create_run(
+                    self.experiment_id,
+                    run_name=f"search {self.search_id}",
+                    tags={TAG_SEARCH: self.search_id, TAG_KIND: "search"},
+                ),
+                "create parent run",
+            )
+            self.parent_run_id = run.info.run_id
+            params = [Param(k, _clip(v)) for k, v in sorted(self.params.items())]
+            for i in range(0, len(params), 100):
+                chunk = params[i : i + 100]
+                with_retries(lambda: self.client.log_batch(self.parent_run_id, params=chunk), "log params")
+        self._load_logged()
+        return self.parent_run_id
+
+    def _search(self, filter_string: str) -> list:
+        out, token = [], None
+        while True:
+            page = with_retries(
+                lambda: self.client.search_runs(
+                    [self.experiment_id], filter_string=filter_string, max_results=1000, page_token=token
+                ),
+                "search runs",
+            )
+            out.extend(page)
+            token = page.token
+            if not token:
+                return out
+
+    def _load_logged(self) -> None:
+        """Index finished candidate runs; runs left unfinished by a killed process are deleted (re-logged)."""
+        self.logged = {}
+        runs = self._search(f"tags.`{TAG_SEARCH}` = '{self.search_id}' and tags.`{TAG_KIND}` = 'candidate'")
+        for run in runs:
+            key = run.data.tags.get(TAG_KEY)
+            if run.info.status == "FINISHED" and key and key not in self.logged:
+                self.logged[key] = run.info.run_id
+            else:
+                with_retries(lambda: self.client.delete_run(run.info.run_id), "delete partial run")
+
+    # ------------------------------------------------------------------ candidates
+    def sync(self, records: Iterable[Mapping[str, Any]]) -> int:
+        """Log every record whose candidate is not logged yet; returns how many were logged now."""
+        count = 0
+        for record in records:
+            if record["key"] not in self.logged:
+                self.log_candidate(record)
+                count += 1
+        return count
+
+    def log_candidate(self, record: Mapping[str, Any]) -> str:
+        """One nested run: formulas, genealogy, screening score, proxy metrics, status, wall time, artifacts."""
+        key = record["key"]
+        tags = {
+            "mlflow.parentRunId": self.parent_run_id,
+            TAG_SEARCH: self.search_id,
+            TAG_KIND: "candidate",
+            TAG_KEY: key,
+            "status": record["status"],
+            "loss_hash": record.get("hash", ""),
+            "canonical": _clip(record.get("canonical", "")),
+            "formula": _clip(record.get("formula", "")),
+            "parent_candidate": str(record.get("parent_id")),
+            "mutation": str(record.get("mutation", "")),
+        }
+        if record.get("message"):
+            tags["message"] = _clip(record["message"])
+        run = with_retries(
+            lambda: self.client.create_run(
+                self.experiment_id, run_name=f"candidate {record['id']}", tags=tags
+            ),
+            "create candidate run",
+        )
+        run_id = run.info.run_id
+        now = int(time.time() * 1000)
+        metrics: dict[str, float] = {}
+        if record.get("screening_g") is not None:
+            metrics["screening_g"] = float(record["screening_g"])
+        for name, value in (record.get("metrics") or {}).items():
+            if isinstance(value, (int, float)):
+                metrics[f"proxy_{name}"] = float(value)
+        if record.get("target") is not None:
+            metrics["target"] = float(record["target"])
+        if record.get("seconds") is not None:
+            metrics["wall_time_s"] = float(record["seconds"])
+        if record.get("iterations") is not None:
+            metrics["iterations"] = float(record["iterations"])
+        params = [
+            Param("candidate_id", str(record["id"])),
+            Param("parent_candidate", str(record.get("parent_id"))),
+            Param("mutation", str(record.get("mutation", ""))),
+            Param("status", record["status"]),
+        ]
+        with_retries(
+            lambda: self.client.log_batch(
+                run_id, metrics=[Metric(k, v, now, 0) for k, v in metrics.items()], params=params
+            ),
+            "log candidate",
+        )
+        for name in ("loss_json", "module_py"):
+            path = record.get(name)
+            if path and Path(path).exists():
+                with_retries(lambda: self.client.log_artifact(run_id, str(path), "loss"), "log artifact")
+        with_retries(lambda: self.client.set_terminated(run_id, "FINISHED"), "finish candidate run")
+        self.logged[key] = run_id
+        return run_id
+
+    # ------------------------------------------------------------------ search-level
+    def log_search_state(self, counters: Mapping[str, Any], evaluations: int, top5_mean: float | None) -> None:
+        """Funnel counters and the top-5 mean on the parent run, stepped by the number of evaluations."""
+        now = int(time.time() * 1000)
+        metrics = [
+            Metric(f"funnel_{k}", float(v), now, evaluations)
+            for k, v in counters.items()
+            if isinstance(v, (int, float))
+        ]
+        if top5_mean is not None:
+            metrics.append(Metric("top5_mean", float(top5_mean), now, evaluations))
+        if metrics:
+            with_retries(lambda: self.client.log_batch(self.parent_run_id, metrics=metrics), "log counters")
+
+    def log_final(self, summary: Mapping[str, Any], files: Iterable[str | Path], artifact_path: str = "report") -> None:
+        """Best loss, comparison table, progress plot etc. as artifacts; `summary` as tags/metrics."""
+        tags = [RunTag(f"best.{k}", _clip(v)) for k, v in summary.items() if isinstance(v, str)]
+        now = int(time.time() * 1000)
+        metrics = [
+            Metric(k, float(v), now, 0) for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+        ]
+        with_retries(lambda: self.client.log_batch(self.parent_run_id, metrics=metrics, tags=tags), "log summary")
+        for path in files:
+            if Path(path).exists():
+                with_retries(
+                    lambda: self.client.log_artifact(self.parent_run_id, str(path), artifact_path), "log artifact"
+                )
+
+    def log_dict(self, obj: Any, name: str) -> None:
+        """A JSON artifact on the parent run."""
+        with_retries(lambda: self.client.log_text(self.parent_run_id, json.dumps(obj, indent=2), name), "log json")
+
+    def finish(self, status: str = "FINISHED") -> None:
+        """Close the parent run."""
+        if self.parent_run_id:
+            with_retries(lambda: self.client.set_terminated(self.parent_run_id, status), "finish parent run")
+
+
+def find_search_run(tracking_uri: str, experiment: str, search_id: str) -> str | None:
+    """The parent run id of a search logged earlier (used by `lossforge retrain/report`)."""
+    client = MlflowClient(tracking_uri=tracking_uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return None
+    runs = client.search_runs(
+        [exp.experiment_id], f"tags.`{TAG_SEARCH}` = '{search_id}' and tags.`{TAG_KIND}` = 'search'"
+    )
+    return runs[0].info.run_id if runs else None
