@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from flows.cli import data_cmd, loss_cmd
+from flows.cli import data_cmd, demo_cmd, loss_cmd, report_cmd, retrain_cmd, search_cmd, serve_cmd, stage_cmd
 
 app = typer.Typer(
     name="lossforge",
@@ -14,6 +14,12 @@ app = typer.Typer(
 )
 app.add_typer(loss_cmd.app, name="loss", help="Inspect, screen and export loss JSON files.")
 app.add_typer(data_cmd.app, name="data", help="Generate the embedded dataset and write splits.")
+app.command("demo")(demo_cmd.demo)
+app.command("search")(search_cmd.search)
+app.command("retrain")(retrain_cmd.retrain)
+app.command("report")(report_cmd.report)
+app.command("serve")(serve_cmd.serve)
+app.command("stage")(stage_cmd.stage)
 
 
 def main() -> None:  # pragma: no cover - console entry point

@@ -1,0 +1,100 @@
+"""`lossforge search`: search a loss end to end (prepare → split → search → re-train → report)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+from components.errors import LossforgeError
+from components.params import METHODS, METRICS, RUNNERS
+from flows.cli.common import user_errors
+from flows.cli.runtime import configure_prefect, console, progress_display
+
+PARAMS_OPT = typer.Option("params.yaml", "--params", "-p", help="The params.yaml to read.")
+PROFILE_OPT = typer.Option(None, "--profile", help="Profile of params.yaml to apply (default: its `profile:` key).")
+
+
+def check_choice(option: str, value: Optional[str], known: tuple[str, ...]) -> None:
+    """A one-line error for an unknown option value."""
+    if value is not None and value not in known:
+        raise LossforgeError(f"{option}: unknown value {value!r} (known: {', '.join(known)})")
+
+
+def prepare_run(params_file: str, profile: Optional[str], stages: tuple[str, ...], verbose: bool = False,
+                **overrides: Any):
+    """Validate everything a run needs before anything is written; returns the Params."""
+    check_choice("--metric", overrides.get("metric"), METRICS)
+    check_choice("--method", overrides.get("method"), METHODS)
+    check_choice("--runner", overrides.get("runner"), RUNNERS)
+    for name in ("budget", "workers"):
+        if overrides.get(name) is not None and overrides[name] < 1:
+            raise LossforgeError(f"--{name}: must be > 0 (got {overrides[name]})")
+    if overrides.get("dataset") is not None and not Path(overrides["dataset"]).exists():
+        raise LossforgeError(f"--dataset: dataset not found: {overrides['dataset']}")
+    configure_prefect(verbose)
+    from flows.search_flow import data_spec, resolve_params
+    from flows.task_runners import make_task_runner
+
+    params = resolve_params(params_file, profile, **overrides)
+    if "prepare" in stages:
+        if not params.data.generate and not Path(params.data.path).exists():
+            raise LossforgeError(f"data.path: dataset not found: {params.data.path}")
+    elif "split" in stages:
+        if not Path(params.data.path).exists():
+            raise LossforgeError(f"data.path: dataset not found: {params.data.path}")
+    else:
+        data_spec(params)
+    if "search" in stages:
+        make_task_runner(params.search.runner, params.search.workers)
+    return params
+
+
+def run_and_print(params, stages: tuple[str, ...], show_progress: bool = True) -> dict[str, Any]:
+    """Run the stages with progress bars and print where the outputs are."""
+    from flows.search_flow import losses_dir, reports_dir
+
+    with progress_display(show_progress):
+        out = _run_in_flow(params, stages)
+    if "search" in stages and "search" in out:
+        best = out["search"]["best"]
+        console.print(f"best loss: [bold]{best['formula']}[/]  (proxy {params.search.metric} = {best['target']:.4f})")
+        console.print(f"loss files: {losses_dir(params)}/best.json, best.py")
+        timing = out["search"].get("timing", {})
+        if timing:
+            console.print(
+                f"search wall time {timing['wall_s']:.1f} s, orchestration overhead "
+                f"{100 * timing['overhead_share']:.1f}% (not screening or training)"
+            )
+    if "report" in stages:
+        console.print(f"report: {reports_dir(params)}/report.md")
+    return out
+
+
+def _run_in_flow(params, stages: tuple[str, ...]) -> dict[str, Any]:
+    from flows.search_flow import stages_flow
+
+    return stages_flow.with_options(flow_run_name=f"{params.search_id}: {'+'.join(stages)}")(params, list(stages))
+
+
+@user_errors
+def search(
+    params_file: str = PARAMS_OPT,
+    profile: Optional[str] = PROFILE_OPT,
+    metric: Optional[str] = typer.Option(None, help=f"Target metric: {', '.join(METRICS)}."),
+    method: Optional[str] = typer.Option(None, help="evolution (AutoLoss-Zero) or ppo (Auto Seg-Loss)."),
+    budget: Optional[int] = typer.Option(None, help="Number of proxy evaluations."),
+    workers: Optional[int] = typer.Option(None, help="Proxy trainings in parallel."),
+    runner: Optional[str] = typer.Option(None, help="Task runner: threads, processes, ray, dask."),
+    dataset: Optional[str] = typer.Option(None, help="Your VOC/COCO/folder dataset instead of the embedded one."),
+    retrain: bool = typer.Option(True, "--retrain/--no-retrain", help="Re-train the best loss against baselines."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Show Prefect's logs."),
+) -> None:
+    """Search a loss for the target metric end to end; re-running resumes an interrupted search."""
+    from flows.search_flow import STAGES
+
+    stages = STAGES if retrain else tuple(s for s in STAGES if s != "retrain")
+    params = prepare_run(params_file, profile, stages, verbose, metric=metric, method=method, budget=budget,
+                         workers=workers, runner=runner, dataset=dataset)
+    run_and_print(params, stages)

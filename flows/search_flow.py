@@ -1,0 +1,395 @@
+"""The search pipeline as Prefect flows: prepare data → split → search loop → re-train → report.
+
+`search_pipeline` (flow "lossforge-search") is what `lossforge search`, `lossforge demo`, the DVC stages and
+the Prefect deployments run. Its parameters are typed, so the Prefect UI shows a form for them; anything
+not given comes from params.yaml (with its profile).
+
+The search loop (`search_loop_flow`) is steady-state: it keeps `search.workers` proxy trainings running
+through the configured task runner while the main thread generates and screens the next candidates;
+each result is written to disk by the training task itself, then reported to the search method, the
+search state is checkpointed (atomic JSON) and the MLflow tracker logs what is new. Re-running with the
+same parameters resumes from the checkpoint: finished evaluations are read back, never trained again.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+from prefect.futures import as_completed
+
+from components.atomic_io import read_json, write_json_atomic
+from components.errors import LossforgeError
+from components.params import Params, load_params
+from flows import progress
+from flows.methods import SearchMethod, make_method
+from flows.task_runners import make_task_runner
+from flows.tasks import open_split, prepare_data, proxy_training, read_result, split_dataset
+from flows.timing import Timeline
+from flows.tracking import SearchTracker, resolve_tracking_uri
+
+Metric = Literal["gAcc", "mAcc", "mIoU", "FWIoU", "BIoU", "BF1"]
+Method = Literal["evolution", "ppo"]
+Runner = Literal["threads", "processes", "ray", "dask"]
+STATE_META = "search.json"
+
+
+# ------------------------------------------------------------------------------------------ parameters
+def resolve_params(
+    params_file: str | Path = "params.yaml",
+    profile: str | None = None,
+    metric: str | None = None,
+    method: str | None = None,
+    budget: int | None = None,
+    workers: int | None = None,
+    runner: str | None = None,
+    dataset: str | None = None,
+    tracking_uri: str | None = None,
+) -> Params:
+    """Load params.yaml with its profile, then apply the explicit overrides (validated again)."""
+    params = load_params(params_file, profile=profile)
+    overrides: dict[str, Any] = {
+        "search.metric": metric,
+        "search.method": method,
+        "search.budget": budget,
+        "search.workers": workers,
+        "search.runner": runner,
+        "tracking.uri": tracking_uri,
+    }
+    if dataset is not None:
+        overrides["data.path"] = dataset
+        overrides["data.generate"] = False
+    return params.with_overrides(overrides)
+
+
+def state_dir(params: Params) -> Path:
+    """Folder of the resumable state of this search (checkpoint, finished proxy results, loss files)."""
+    return Path(params.search.state_dir) / params.search_id
+
+
+def losses_dir(params: Params) -> Path:
+    """losses/<task>-<metric>/ (a DVC out)."""
+    return Path(params.search.out_dir) / params.search_name
+
+
+def reports_dir(params: Params) -> Path:
+    """reports/<task>-<metric>/ (DVC outs)."""
+    return Path(params.report.dir) / params.search_name
+
+
+def make_tracker(params: Params) -> SearchTracker | None:
+    """The MLflow tracker of this search (None when tracking is disabled)."""
+    if not params.tracking.enabled:
+        return None
+    flat = {"search_id": params.search_id, "profile": params.profile}
+    for section in ("data", "split", "search"):
+        for key, value in getattr(params, section).model_dump().items():
+            flat[f"{section}.{key}"] = value
+    for section in ("evolution", "screening", "proxy", "ppo"):
+        for key, value in getattr(params, section).items():
+            flat[f"{section}.{key}"] = value
+    return SearchTracker(
+        resolve_tracking_uri(params.tracking.uri),
+        experiment=f"lossforge/{params.search_id}",
+        search_id=params.search_id,
+        artifact_root=params.tracking.artifacts,
+        params=flat,
+    )
+
+
+# ------------------------------------------------------------------------------------------ small tasks
+@task(name="generate-and-screen", cache_policy=NO_CACHE)
+def generate_and_screen(method: SearchMethod, n: int) -> list[dict[str, Any]]:
+    """Generate/mutate, screen (loss rejection + equivalence) and hand out up to n candidates."""
+    return method.next_candidates(n)
+
+
+@task(name="population-update", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=0.2)
+def population_update(method: SearchMethod, results: list[dict[str, Any]], checkpoint: str) -> list[dict[str, Any]]:
+    """Report finished proxy results to the method and checkpoint the search state (atomic JSON)."""
+    from components.proxy_training import ProxyResult
+
+    records = []
+    for res in results:
+        result = ProxyResult(
+            name=str(res["id"]),
+            status=res["status"],
+            metrics=dict(res.get("metrics") or {}),
+            target=res.get("target"),
+            iterations=int(res.get("iterations") or 0),
+            seconds=float(res.get("seconds") or 0.0),
+            message=str(res.get("message") or ""),
+        )
+        records.append(method.report(res["id"], result))
+    method.save(checkpoint)
+    return records
+
+
+# ------------------------------------------------------------------------------------------ data flows
+@flow(name="lossforge-prepare", log_prints=True)
+def prepare_flow(params: Params) -> str:
+    """Generate the embedded dataset (or check the user's dataset is there); returns its path."""
+    return prepare_data(params.data.model_dump())
+
+
+@flow(name="lossforge-split", log_prints=True)
+def split_flow(params: Params) -> dict[str, str]:
+    """Write the split manifests (train = S_train, eval = S_eval, test) of the prepared dataset."""
+    if not Path(params.data.path).exists():
+        raise LossforgeError(f"data.path: dataset not found: {params.data.path} (run the prepare stage first)")
+    manifests = split_dataset(params.data.path, params.split.model_dump())
+    return {"path": params.data.path, **manifests}
+
+
+def data_spec(params: Params) -> dict[str, str]:
+    """The dataset path and split manifests a previous `prepare_flow` wrote (checked to exist)."""
+    folder = Path(params.split.dir)
+    spec = {"path": params.data.path}
+    for name in ("train", "eval", "test"):
+        path = folder / f"{name}.txt"
+        if not path.exists():
+            raise LossforgeError(f"{path}: split manifest not found (run `lossforge search` or `dvc repro split` first)")
+        spec[name] = str(path)
+    if not Path(params.data.path).exists():
+        raise LossforgeError(f"data.path: dataset not found: {params.data.path}")
+    return spec
+
+
+# ------------------------------------------------------------------------------------------ search loop
+def _tracker_record(method: SearchMethod, record: dict[str, Any], folder: Path) -> dict[str, Any]:
+    stem = f"candidate-{record['id']}-{record['hash']}"
+    json_path, py_path = method.write_loss_files(record, folder, stem)
+    return {
+        "key": f"{record['id']}-{record['hash']}",
+        "id": record["id"],
+        "hash": record["hash"],
+        "canonical": record.get("canonical", ""),
+        "formula": record.get("formula", ""),
+        "parent_id": record.get("parent_id"),
+        "mutation": record.get("mutation", ""),
+        "screening_g": record.get("screening_score"),
+        "status": record["status"],
+        "metrics": record.get("metrics") or {},
+        "target": record.get("target"),
+        "seconds": record.get("seconds"),
+        "iterations": record.get("iterations"),
+        "message": record.get("message", ""),
+        "loss_json": str(json_path),
+        "module_py": str(py_path),
+    }
+
+
+def _failed(cands: list[dict[str, Any]], exc: BaseException) -> list[dict[str, Any]]:
+    now = time.time()
+    return [
+        {"id": c["id"], "hash": c["hash"], "status": "failed", "metrics": {}, "target": None, "iterations": 0,
+         "seconds": 0.0, "message": f"{type(exc).__name__}: {exc}"[:2000], "started": now, "finished": now}
+        for c in cands
+    ]
+
+
+@flow(name="lossforge-search-loop", log_prints=True)
+def search_loop_flow(params: Params, data: dict[str, str]) -> dict[str, Any]:
+    """Run (or resume) the search until the proxy budget is used; returns the search summary."""
+    from components.proxy_training import ProxyConfig  # noqa: F401  (fail early if training is missing)
+    from components.segmentation_task import build_screening_problem
+
+    logger = get_run_logger()
+    timeline = Timeline()
+    state = state_dir(params)
+    state.mkdir(parents=True, exist_ok=True)
+    checkpoint = state / "checkpoint.json"
+    write_json_atomic(state / "params.json", params.model_dump(mode="json"))
+
+    train_ds = open_split(data["path"], data["train"])
+    screen_cfg = params.config("screening")
+    problem = build_screening_problem(
+        train_ds, params.search.metric, train_ds.num_classes, samples=screen_cfg.samples,
+        size=params.section_extra("screening", "size", 64), seed=params.search.seed,
+    )
+    method = make_method(params, problem, state)
+    resumed = checkpoint.exists()
+    logger.info("search %s: %s (%d results so far)", params.search_id, "resumed" if resumed else "new",
+                len(method.history))
+
+    tracker = make_tracker(params)
+    loss_files = state / "losses"
+    if tracker is not None:
+        tracker.start()
+        tracker.sync(_tracker_record(method, r, loss_files) for r in method.history)
+
+    proxy_cfg = params.config("proxy")
+    workers = params.search.workers
+    group = params.search.losses_per_training
+    in_flight: dict[Any, list[dict[str, Any]]] = {}
+    budget = params.search.budget
+    progress.emit("search", done=len(method.history), total=budget, counters=method.counters)
+
+    def record_results(results: list[dict[str, Any]]) -> None:
+        for res in results:
+            timeline.add("training", float(res.get("started", 0)), float(res.get("finished", 0)))
+        with timeline.measure("update"):
+            records = population_update(method, results, str(checkpoint))
+        if tracker is not None:
+            with timeline.measure("tracking"):
+                tracker.sync(_tracker_record(method, r, loss_files) for r in method.history)
+                top = method.progress()[-1]["top5_mean"] if method.progress() else None
+                tracker.log_search_state(method.counters, len(method.history), top)
+        for rec in records:
+            logger.info("candidate %s: %s target=%s", rec["id"], rec["status"], rec.get("target"))
+        progress.emit("search", done=_reported(method), total=budget, counters=method.counters)
+
+    while True:
+        # keep `workers` trainings in flight; screening runs here while the workers train
+        while len(in_flight) < workers:
+            with timeline.measure("screening"):
+                cands = generate_and_screen(method, group)
+            if not cands:
+                break
+            stored = [read_result(state, c["id"], c["hash"]) for c in cands]
+            if all(s is not None for s in stored):  # finished before a kill: never trained again
+                record_results(stored)
+                continue
+            future = proxy_training.with_options(retries=params.search.task_retries, retry_delay_seconds=1).submit(
+                [{"id": c["id"], "hash": c["hash"], "loss": c["loss"]} for c in cands],
+                data, proxy_cfg, params.search.metric, str(state),
+            )
+            in_flight[future] = cands
+        if not in_flight:
+            break
+        future = next(as_completed(list(in_flight)))
+        cands = in_flight.pop(future)
+        try:
+            results = future.result()
+        except Exception as exc:  # retries used up: record as failed, the search goes on
+            logger.warning("proxy training of %s failed: %s", [c["id"] for c in cands], exc)
+            results = _failed(cands, exc)
+        record_results(results)
+
+    timeline.end = time.time()
+    summary = write_search_outputs(params, method, timeline)
+    if tracker is not None:
+        best = summary.get("best") or {}
+        tracker.log_final(
+            {"best_formula": best.get("formula", ""), "best_canonical": best.get("canonical", ""),
+             "best_hash": best.get("hash", ""), "best_proxy_target": best.get("target") or float("nan"),
+             "orchestration_overhead_share": summary["timing"]["overhead_share"]},
+            [losses_dir(params) / "best.json", losses_dir(params) / "best.py", losses_dir(params) / "search.json"],
+            artifact_path="search",
+        )
+        tracker.log_search_state(method.counters, len(method.history), summary.get("top5_mean"))
+    return summary
+
+
+def _reported(method: SearchMethod) -> int:
+    c = method.counters
+    return int(c.get("evaluated", 0) + c.get("nan_stopped", 0) + c.get("failed", 0))
+
+
+def write_search_outputs(params: Params, method: SearchMethod, timeline: Timeline) -> dict[str, Any]:
+    """losses/<task>-<metric>/: best.json + best.py, the top-k losses, search.json (summary + progress curve)."""
+    out = losses_dir(params)
+    out.mkdir(parents=True, exist_ok=True)
+    best = method.best()
+    if best is None:
+        raise LossforgeError(
+            f"search {params.search_id}: no candidate finished with a valid score "
+            f"(funnel: {method.counters}); raise search.budget or check the proxy settings"
+        )
+    best_json, _ = method.write_loss_files(best, out, "best")
+    ranked = sorted(
+        (r for r in method.history if r["status"] == "evaluated" and r.get("target") is not None),
+        key=lambda r: (-r["target"], r["id"]),
+    )[: params.report.top_k]
+    top = []
+    for rank, rec in enumerate(ranked, 1):
+        method.write_loss_files(rec, out / "top", f"rank{rank}")
+        top.append({k: rec.get(k) for k in ("id", "hash", "formula", "canonical", "target", "metrics",
+                                             "parent_id", "mutation")})
+    curve = method.progress()
+    summary = {
+        "format": "lossforge.search-summary/1",
+        "search_id": params.search_id,
+        "task": params.search.task,
+        "metric": params.search.metric,
+        "method": params.search.method,
+        "budget": params.search.budget,
+        "counters": method.counters,
+        "best_loss": {"type": method.loss_type, "path": str(best_json)},
+        "best": {k: best.get(k) for k in ("id", "hash", "formula", "canonical", "target", "metrics",
+                                          "parent_id", "mutation", "screening_score")},
+        "top": top,
+        "top5_mean": curve[-1]["top5_mean"] if curve else None,
+        "progress": curve,
+        "candidates": [
+            {k: r.get(k) for k in ("id", "hash", "status", "target", "parent_id", "mutation", "seconds")}
+            for r in method.history
+        ],
+        "timing": timeline.summary(),
+    }
+    write_json_atomic(out / "search.json", summary)
+    return summary
+
+
+# ------------------------------------------------------------------------------------------ pipeline
+@flow(name="lossforge-search", log_prints=True)
+def search_pipeline(
+    metric: Optional[Metric] = None,
+    method: Optional[Method] = None,
+    budget: Optional[int] = None,
+    workers: Optional[int] = None,
+    runner: Optional[Runner] = None,
+    dataset: Optional[str] = None,
+    profile: Optional[str] = None,
+    params_file: str = "params.yaml",
+    retrain: bool = True,
+    tracking_uri: Optional[str] = None,
+) -> dict[str, Any]:
+    """Search a loss for `metric` end to end: prepare → split → search → re-train → report.
+
+    Parameters left empty come from params.yaml (and its profile). `dataset`: a VOC/COCO/folder
+    dataset path to use instead of the embedded shapes data.
+    """
+    params = resolve_params(params_file, profile, metric, method, budget, workers, runner, dataset, tracking_uri)
+    return run_stages(params, STAGES if retrain else tuple(s for s in STAGES if s != "retrain"))
+
+
+STAGES = ("prepare", "split", "search", "retrain", "report")
+
+
+def run_stages(params: Params, stages: tuple[str, ...] = STAGES) -> dict[str, Any]:
+    """Run the given stages in order (shared by the pipeline flow, the CLI and the DVC stages)."""
+    from flows.report import report_flow
+    from flows.retrain_flow import retrain_flow
+
+    t0 = time.time()
+    out: dict[str, Any] = {"search_id": params.search_id}
+    data: dict[str, str] | None = None
+    for stage in STAGES:
+        if stage not in stages:
+            continue
+        progress.emit("stage", name=stage)
+        if stage == "prepare":
+            out["data"] = prepare_flow(params)
+        elif stage == "split":
+            data = split_flow(params)
+        elif stage == "search":
+            runner = make_task_runner(params.search.runner, params.search.workers)
+            out["search"] = search_loop_flow.with_options(task_runner=runner)(params, data or data_spec(params))
+        elif stage == "retrain":
+            out["retrain"] = retrain_flow(params, data or data_spec(params))
+        elif stage == "report":
+            wall = time.time() - t0 if "search" in stages else None
+            out["report"] = report_flow(params, pipeline_wall_s=wall)
+    progress.emit("stage", name="done")
+    return out
+
+
+@flow(name="lossforge-stages", log_prints=True)
+def stages_flow(params: Params, stages: list[str]) -> dict[str, Any]:
+    """Run some stages of the pipeline with already validated parameters (the CLI and DVC stages)."""
+    return run_stages(params, tuple(stages))

@@ -1,0 +1,147 @@
+"""Prefect tasks: thin wrappers that call components/ (all logic lives there).
+
+Tasks that run in the task runner's workers (`proxy_training`) take and return plain JSON-able data, so
+they work with thread and process runners alike (and Ray/Dask); they rebuild losses from JSON through
+the operator whitelist. Every training writes its result atomically to `<state>/results/<id>-<hash>.json`
+before returning, so a finished evaluation survives a SIGKILL of the flow and is never trained again.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from pathlib import Path
+from typing import Any, Mapping
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from components.atomic_io import read_json, write_json_atomic
+from components.errors import LossforgeError
+
+RESULT_FORMAT = "lossforge.proxy-result/1"
+
+
+# ---------------------------------------------------------------------------------------------- data
+@task(name="prepare-data", retries=1, retry_delay_seconds=1, cache_policy=NO_CACHE)
+def prepare_data(data: Mapping[str, Any]) -> str:
+    """Generate the embedded shapes dataset (if `data.generate`) or check the user's dataset exists."""
+    from components.shapes_dataset import generate_shapes
+
+    path = Path(data["path"])
+    if data["generate"]:
+        meta = path / "dataset.json"
+        wanted = {k: data[k] for k in ("num_train", "num_test", "image_size", "seed")}
+        if meta.exists():
+            try:
+                info = read_json(meta)
+                have = {k: info.get("config", info).get(k) for k in wanted}
+            except LossforgeError:
+                have = {}
+            if have == wanted:
+                return str(path)
+        generate_shapes(path, **wanted)
+        return str(path)
+    if not path.exists():
+        raise LossforgeError(f"data.path: dataset not found: {path}")
+    return str(path)
+
+
+@task(name="split-dataset", retries=1, retry_delay_seconds=1, cache_policy=NO_CACHE)
+def split_dataset(data_path: str, split: Mapping[str, Any]) -> dict[str, str]:
+    """Carve S_train / S_eval from the training images and write the manifests (+ the test manifest)."""
+    from components.seg_datasets import open_segmentation_dataset
+    from components.splits import make_split, write_manifest
+
+    train = open_segmentation_dataset(data_path, split="train")
+    test = open_segmentation_dataset(data_path, split="val")
+    parts = make_split(list(train.ids), eval_count=split.get("eval_count"),
+                       eval_fraction=split.get("eval_fraction"), seed=split.get("seed", 0))
+    folder = Path(split["dir"])
+    out = {}
+    for name, ids in (("train", parts.train), ("eval", parts.eval), ("test", list(test.ids))):
+        out[name] = str(write_manifest(folder / f"{name}.txt", list(ids)))
+    return out
+
+
+def open_split(data_path: str, manifests: str | list[str] | tuple[str, ...]) -> Any:
+    """The dataset restricted to the ids of one manifest (or the union of several, in order)."""
+    from components.seg_datasets import open_segmentation_dataset
+    from components.splits import read_manifest
+
+    if isinstance(manifests, str):
+        manifests = [manifests]
+    ids: list[str] = []
+    for manifest in manifests:
+        ids.extend(read_manifest(manifest))
+    return open_segmentation_dataset(data_path, ids=ids)
+
+
+# ---------------------------------------------------------------------------------------------- training
+@functools.lru_cache(maxsize=4)
+def _datasets(data_path: str, train_manifest: str, eval_manifest: str):
+    return open_split(data_path, train_manifest), open_split(data_path, eval_manifest)
+
+
+def result_path(state_dir: str | Path, candidate_id: int, loss_hash: str) -> Path:
+    """Where the proxy result of one candidate is stored."""
+    return Path(state_dir) / "results" / f"{candidate_id}-{loss_hash}.json"
+
+
+def read_result(state_dir: str | Path, candidate_id: int, loss_hash: str) -> dict[str, Any] | None:
+    """A stored proxy result (from before a kill), or None."""
+    path = result_path(state_dir, candidate_id, loss_hash)
+    if not path.exists():
+        return None
+    try:
+        data = read_json(path)
+    except LossforgeError:
+        return None
+    return data if data.get("format") == RESULT_FORMAT else None
+
+
+@task(name="proxy-training", cache_policy=NO_CACHE, task_run_name="proxy-training-{candidates[0][id]}")
+def proxy_training(
+    candidates: list[dict[str, Any]],
+    data: Mapping[str, str],
+    proxy_config: Any,
+    metric: str,
+    state_dir: str,
+) -> list[dict[str, Any]]:
+    """Train the candidates' losses side by side on the proxy task; one JSON-able result per candidate.
+
+    `candidates`: [{"id", "hash", "loss" (a build_loss spec)}]. A loss that cannot be built is reported
+    "failed" (never raises for a bad candidate); an exception of the training itself propagates, so the
+    task's retries apply, and the flow records "failed" once they are used up.
+    """
+    from components.loss_registry import build_loss
+    from components.proxy_training import train_proxy
+
+    train_ds, eval_ds = _datasets(data["path"], data["train"], data["eval"])
+    losses, results = {}, {}
+    for cand in candidates:
+        try:
+            losses[str(cand["id"])] = build_loss(cand["loss"], num_classes=train_ds.num_classes)
+        except LossforgeError as exc:
+            results[str(cand["id"])] = {"status": "failed", "metrics": {}, "target": None, "iterations": 0,
+                                        "seconds": 0.0, "message": f"invalid loss: {exc}"}
+    started = time.time()
+    if losses:
+        out = train_proxy(losses, train_ds, eval_ds, proxy_config, metric)
+        for name, res in out.items():
+            results[name] = {
+                "status": res.status,
+                "metrics": {k: float(v) for k, v in dict(res.metrics).items()},
+                "target": None if res.target is None else float(res.target),
+                "iterations": int(res.iterations),
+                "seconds": float(res.seconds),
+                "message": str(res.message or ""),
+            }
+    finished = time.time()
+    stored = []
+    for cand in candidates:
+        record = dict(results[str(cand["id"])], id=cand["id"], hash=cand["hash"], format=RESULT_FORMAT,
+                      started=started, finished=finished)
+        write_json_atomic(result_path(state_dir, cand["id"], cand["hash"]), record)
+        stored.append(record)
+    return stored
