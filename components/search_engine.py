@@ -82,26 +82,15 @@ def _json_metrics(metrics: Mapping[str, Any] | None) -> dict[str, float | None]:
 
 
 def _screening_to_dict(result: Any) -> dict[str, Any]:
-    return {
-        "accepted": bool(result.accepted),
-        "score": _finite(result.score),
-        "reason": str(result.reason),
-        "fingerprint": None if result.fingerprint is None else [float(v) for v in result.fingerprint],
-        "seconds": float(result.seconds),
-    }
+    data = result.to_dict()
+    data["score"] = _finite(data.get("score"))
+    return data
 
 
 def _screening_from_dict(data: Mapping[str, Any]) -> Any:
     from components.rejection import ScreeningResult
 
-    fp = data.get("fingerprint")
-    return ScreeningResult(
-        accepted=bool(data["accepted"]),
-        score=data.get("score"),
-        reason=str(data["reason"]),
-        fingerprint=None if fp is None else tuple(float(v) for v in fp),
-        seconds=float(data.get("seconds", 0.0)),
-    )
+    return ScreeningResult.from_dict(data)
 
 
 def _config_to_dict(config: Any) -> dict[str, Any]:
@@ -129,6 +118,8 @@ class SearchEngine:
 
     `problem` is a components.rejection.ScreeningProblem (its `key` names task + metric + probe data);
     `cache` an EquivalenceCache for that key (a fresh in-memory one by default, or give `cache_path`).
+    `proxy_key` names the proxy-training settings: cached proxy scores are reused only under the
+    same key (e.g. a digest of ProxyConfig + target metric), so a changed proxy never reuses stale scores.
     """
 
     def __init__(
@@ -140,6 +131,7 @@ class SearchEngine:
         seed: int = 0,
         cache: Any = None,
         cache_path: str | Path | None = None,
+        proxy_key: str = "",
     ):
         from components.equivalence import EquivalenceCache
         from components.generation import TreeGenerator
@@ -150,11 +142,19 @@ class SearchEngine:
         self.config = config or EvolutionConfig()
         self.screening_config = screening_config or ScreeningConfig()
         self.seed = int(seed)
+        self.proxy_key = str(proxy_key)
+        problem_task = getattr(problem, "task", task)
+        if problem_task != task:
+            raise LossforgeError(f"search: the screening problem is for task {problem_task!r}, not {task!r}")
         if cache is None:
             cache = EquivalenceCache(None if cache_path is None else Path(cache_path), problem.key)
+        elif getattr(cache, "key", problem.key) != problem.key:
+            raise LossforgeError(
+                f"search: the equivalence cache is for problem {cache.key!r}, not {problem.key!r}"
+            )
         self.cache = cache
         self.rng = random.Random(self.seed)
-        self.generator = self._make_generator(TreeGenerator)
+        self.generator = TreeGenerator(self.config.operator_set, depth=self.config.depth, rng=self.rng)
         self.evolution = RegularizedEvolution(self.config, self.generator, task, self.rng)
         self.counters: dict[str, int] = {
             "generated": 0,
@@ -170,15 +170,6 @@ class SearchEngine:
         self._pending: dict[int, Candidate] = {}
         self._reissue: list[int] = []
         self._last_screening: Any = None
-
-    def _make_generator(self, tree_generator: type) -> Any:
-        from components.loss_graph import TASK_BRANCHES
-
-        branches = TASK_BRANCHES.get(self.task)
-        if not branches:
-            raise LossforgeError(f"search: unknown task {self.task!r} (known: {sorted(TASK_BRANCHES)})")
-        inputs = next(iter(branches.values()))
-        return tree_generator(self.config.operator_set, inputs, depth=self.config.depth, rng=self.rng)
 
     # ----------------------------------------------------------------- funnel
     @property
@@ -203,45 +194,25 @@ class SearchEngine:
         return out
 
     # ----------------------------------------------------------------- screening
-    def _fingerprint(self, graph: Any) -> tuple[float, ...] | None:
-        from components.equivalence import gradient_fingerprint
-
-        try:
-            fp = tuple(float(v) for v in gradient_fingerprint(graph, self.problem))
-        except Exception:  # a bad candidate: screen() will reject it with a reason
-            return None
-        return fp if fp and all(math.isfinite(v) for v in fp) else None
-
     def _screen(self, graph: Any) -> bool:
-        """Acceptance test handed to the evolution: loss rejection, reusing cached verdicts."""
+        """Acceptance test handed to the evolution: the loss-rejection protocol with the cache."""
         from components.rejection import screen
 
         self.counters["generated"] += 1
-        start = time.perf_counter()
-        fp = self._fingerprint(graph)
-        entry = self.cache.get(fp) if fp is not None else None
-        if entry is not None and "screening" in entry:
+        result = screen(graph, self.problem, self.screening_config, cache=self.cache)
+        if getattr(result, "cached", False):
             self.counters["screening_reused"] += 1
-            data = dict(entry["screening"], fingerprint=list(fp), seconds=time.perf_counter() - start)
-            result = _screening_from_dict(data)
-        else:
-            result = screen(graph, self.problem, self.screening_config)
-            key = result.fingerprint if result.fingerprint is not None else fp
-            if key is not None and all(math.isfinite(float(v)) for v in key):
-                key = tuple(float(v) for v in key)
-                stored = dict(self.cache.get(key) or {})
-                stored["screening"] = {k: v for k, v in _screening_to_dict(result).items()
-                                       if k not in ("fingerprint", "seconds")}
-                self.cache.put(key, stored)
-            if result.fingerprint is None and fp is not None:
-                result = dataclasses.replace(result, fingerprint=fp)
         if not result.accepted:
-            name = f"rejected_{_slug(result.reason)}"
+            name = f"rejected_{_slug(result.reason.split(':', 1)[0])}"
             self.counters[name] = self.counters.get(name, 0) + 1
             return False
         self.counters["accepted"] += 1
         self._last_screening = result
         return True
+
+    def rejections(self) -> dict[str, int]:
+        """Rejected candidates by reason (the `rejected_<reason>` counters)."""
+        return {k[len("rejected_"):]: v for k, v in self.counters.items() if k.startswith("rejected_")}
 
     # ----------------------------------------------------------------- hand-out / report
     def next_candidate(self) -> Candidate | None:
@@ -258,21 +229,31 @@ class SearchEngine:
             return None
         for _ in range(self.config.max_attempts):
             self._last_screening = None
-            ind = self.evolution.ask(accept=self._screen)
+            try:
+                ind = self.evolution.ask(accept=self._screen)
+            except SearchStalledError as exc:
+                counts = ", ".join(f"{k}={v}" for k, v in sorted(self.rejections().items()))
+                raise SearchStalledError(f"search stalled: {exc} (rejections so far: {counts})") from None
             screening = self._last_screening
-            fp = screening.fingerprint
-            entry = self.cache.get(tuple(fp)) if fp is not None else None
-            proxy = (entry or {}).get("proxy")
-            if proxy and proxy.get("status") in ("ok", "nan"):
+            proxy = self._cached_proxy(screening.fingerprint)
+            if proxy is not None:
                 self._reuse(ind, screening, proxy)
                 continue
             cand = Candidate(ind.id, ind.graph, ind.parent_id, ind.mutation, screening)
             self._pending[cand.id] = cand
             return cand
         raise SearchStalledError(
-            f"search: {self.config.max_attempts} accepted candidates in a row were gradient-duplicates "
+            f"search stalled: {self.config.max_attempts} accepted candidates in a row were gradient-duplicates "
             "of evaluated losses (the search space looks exhausted)"
         )
+
+    def _cached_proxy(self, fingerprint: Any) -> dict[str, Any] | None:
+        if fingerprint is None:
+            return None
+        proxy = self.cache.get_proxy(tuple(fingerprint))
+        if not proxy or proxy.get("status") not in ("ok", "nan") or proxy.get("proxy_key", "") != self.proxy_key:
+            return None
+        return proxy
 
     def _reuse(self, ind: Individual, screening: Any, proxy: Mapping[str, Any]) -> None:
         target = _finite(proxy.get("target")) if proxy.get("status") == "ok" else None
@@ -294,16 +275,16 @@ class SearchEngine:
 
         Updates the equivalence cache and the evolution; returns the history record.
         """
-        cand = self._pending.pop(candidate_id, None)
+        cand = self._pending.get(candidate_id)
         if cand is None:
             raise LossforgeError(f"search: candidate {candidate_id!r} is not in flight (unknown or already reported)")
-        status = str(getattr(result, "status", "failed"))
+        status = str(getattr(result, "status", None))
         if status not in _STATUS_OF:
-            self._pending[candidate_id] = cand
             raise LossforgeError(f"search: proxy result status must be one of {sorted(_STATUS_OF)}, got {status!r}")
+        del self._pending[candidate_id]
         target = _finite(getattr(result, "target", None))
         if status == "ok" and target is None:
-            status = "nan"  # an "ok" run with a NaN/missing target score is treated as NaN-stopped
+            status = "nan"  # an "ok" run without a finite target score counts as NaN-stopped
         score = target if status == "ok" else None
         self.evolution.tell(cand.id, score, status=status)
         self.counters[_COUNTER_OF[status]] += 1
@@ -319,13 +300,12 @@ class SearchEngine:
         )
         self.history.append(record)
         fp = cand.screening.fingerprint
-        if status in ("ok", "nan") and fp is not None:
-            key = tuple(float(v) for v in fp)
-            entry = dict(self.cache.get(key) or {})
-            if "proxy" not in entry:  # keep the first evaluation of an equivalence class
-                entry["proxy"] = {"status": status, "target": score, "metrics": metrics,
-                                  "candidate_id": cand.id, "hash": record["hash"]}
-                self.cache.put(key, entry)
+        if status in ("ok", "nan") and fp is not None and self._cached_proxy(fp) is None:
+            # the first evaluation of an equivalence class is the one reused later
+            self.cache.put_proxy(tuple(fp), {
+                "status": status, "target": score, "metrics": metrics, "candidate_id": cand.id,
+                "hash": record["hash"], "proxy_key": self.proxy_key,
+            })
         self._log_progress()
         return record
 
@@ -379,6 +359,7 @@ class SearchEngine:
             "task": self.task,
             "problem_key": self.problem.key,
             "seed": self.seed,
+            "proxy_key": self.proxy_key,
             "config": self.config.to_dict(),
             "screening_config": _config_to_dict(self.screening_config),
             "evolution": self.evolution.state_dict(),
@@ -399,19 +380,20 @@ class SearchEngine:
         return write_json_atomic(path, self.state_dict())
 
     @classmethod
-    def load(cls, path: str | Path, problem: Any, cache: Any = None) -> "SearchEngine":
+    def load(cls, path: str | Path, problem: Any, cache: Any = None, budget: int | None = None) -> "SearchEngine":
         """Restore a saved search for `problem` (whose key must match the saved one).
 
-        In-flight candidates at save time are handed out again by `next_candidate()`.
+        In-flight candidates at save time are handed out again by `next_candidate()`; `budget`
+        (optional) replaces the saved budget, e.g. to extend a finished search.
         """
         state = read_json(path)
         try:
-            return cls.from_state_dict(state, problem, cache=cache)
+            return cls.from_state_dict(state, problem, cache=cache, budget=budget)
         except LossforgeError as exc:
             raise LossforgeError(f"{path}: {exc}") from None
 
     @classmethod
-    def from_state_dict(cls, state: Any, problem: Any, cache: Any = None) -> "SearchEngine":
+    def from_state_dict(cls, state: Any, problem: Any, cache: Any = None, budget: int | None = None) -> "SearchEngine":
         """Rebuild a SearchEngine from `state_dict()` output (validated)."""
         from components.equivalence import EquivalenceCache
         from components.rejection import ScreeningConfig
@@ -426,6 +408,8 @@ class SearchEngine:
             )
         try:
             config = EvolutionConfig.from_dict(state["config"])
+            if budget is not None:
+                config = dataclasses.replace(config, budget=int(budget))
             screening_config = _config_from_dict(ScreeningConfig, state["screening_config"])
             cache_state = state["cache"]
             if cache is None:
@@ -436,8 +420,9 @@ class SearchEngine:
                     for item in cache_state["entries"]:
                         cache.put(tuple(float(v) for v in item["fingerprint"]), item["entry"])
             engine = cls(problem, task=state["task"], config=config, screening_config=screening_config,
-                         seed=int(state["seed"]), cache=cache)
+                         seed=int(state["seed"]), cache=cache, proxy_key=str(state.get("proxy_key", "")))
             engine.evolution.load_state_dict(state["evolution"])
+            engine.evolution.config = config
             in_flight = engine.evolution.in_flight
             pending = {}
             for item in state["pending"]:
@@ -458,6 +443,7 @@ class SearchEngine:
         engine.counters.update(counters)
         engine.history, engine.progress = history, progress
         engine._pending = pending
+        # everything in flight at save time is handed out again (pending order = hand-out order)
         engine._reissue = list(pending)
         return engine
 
