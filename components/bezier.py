@@ -94,8 +94,8 @@ def control_points(theta: Sequence[float], family: str = "bezier", pieces: int =
 def curve_tables(theta: Sequence[float], family: str = "bezier", pieces: int = 2) -> tuple[list[float], list[list[float]]]:
     """(interior knots on u, per-piece rows) consumed by the kernels.
 
-    Bézier rows: [u0, width, a, v0, v1, v2] with a = (u1 − u0) / width ∈ (0, 1).
-    Linear rows: [u0, width, v0, v1].
+    Bézier rows: [u0, u2, a, v0, v1, v2] with a = (u1 − u0) / (u2 − u0) ∈ (0, 1) (u of the middle point,
+    normalised to the piece). Linear rows: [u0, u1, v0, v1].
     """
     pts = control_points(theta, family, pieces)
     step = 2 if family == "bezier" else 1
@@ -105,9 +105,9 @@ def curve_tables(theta: Sequence[float], family: str = "bezier", pieces: int = 2
         width = u2 - u0
         if family == "bezier":
             u1, v1 = pts[2 * p + 1]
-            rows.append([u0, width, (u1 - u0) / width, v0, v1, v2])
+            rows.append([u0, u2, (u1 - u0) / width, v0, v1, v2])
         else:
-            rows.append([u0, width, v0, v2])
+            rows.append([u0, u2, v0, v2])
     knots = [pts[step * p][0] for p in range(1, pieces)]
     return knots, rows
 
@@ -116,11 +116,14 @@ def bezier_kernel(y: torch.Tensor, knots: torch.Tensor, table: torch.Tensor) -> 
     """Evaluate a piecewise quadratic Bézier g at every element of y (any shape), see curve_tables()."""
     y = y.clamp(0.0, 1.0)
     idx = torch.bucketize(y.detach().contiguous(), knots, right=True)
-    u0, width, a = table[:, 0][idx], table[:, 1][idx], table[:, 2][idx]
+    u0, u2, a = table[:, 0][idx], table[:, 1][idx], table[:, 2][idx]
     v0, v1, v2 = table[:, 3][idx], table[:, 4][idx], table[:, 5][idx]
-    x = ((y - u0) / width).clamp(0.0, 1.0)
-    # u(s) = 2as + (1 − 2a)s² = x  →  s = x / (a + sqrt(a² + (1 − 2a)x))  (stable form, a ∈ (0, 1))
-    s = x / (a + torch.sqrt(a * a + (1.0 - 2.0 * a) * x))
+    x = ((y - u0) / (u2 - u0).clamp_min(1e-30)).clamp(0.0, 1.0)
+    x = torch.where(y >= u2, torch.ones_like(x), x)
+    # u(s) = 2as + (1 − 2a)s² = x  →  s = x / (a + sqrt(a² + (1 − 2a)x)); a² + (1 − 2a)x is written as
+    # (a − x)² + x(1 − x) (no cancellation, ≥ min(a, 1 − a)² > 0), and s = 1 exactly at the piece end.
+    s = x / (a + torch.sqrt(((a - x) ** 2 + x * (1.0 - x)).clamp_min(1e-30)))
+    s = torch.where(x >= 1.0, torch.ones_like(s), s)
     t = 1.0 - s
     return t * t * v0 + 2.0 * s * t * v1 + s * s * v2
 
@@ -129,9 +132,10 @@ def linear_kernel(y: torch.Tensor, knots: torch.Tensor, table: torch.Tensor) -> 
     """Evaluate a piecewise linear g at every element of y (any shape), see curve_tables()."""
     y = y.clamp(0.0, 1.0)
     idx = torch.bucketize(y.detach().contiguous(), knots, right=True)
-    u0, width, v0, v1 = table[:, 0][idx], table[:, 1][idx], table[:, 2][idx], table[:, 3][idx]
-    x = ((y - u0) / width).clamp(0.0, 1.0)
-    return v0 + (v1 - v0) * x
+    u0, u2, v0, v1 = table[:, 0][idx], table[:, 1][idx], table[:, 2][idx], table[:, 3][idx]
+    x = ((y - u0) / (u2 - u0).clamp_min(1e-30)).clamp(0.0, 1.0)
+    x = torch.where(y >= u2, torch.ones_like(x), x)
+    return v0 * (1.0 - x) + v1 * x
 
 
 KERNELS = {"bezier": bezier_kernel, "linear": linear_kernel}
