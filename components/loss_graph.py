@@ -17,10 +17,11 @@ Conventions:
 from __future__ import annotations
 
 import hashlib
+import re
 import math
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Iterator, Mapping
+from typing import Iterator, Mapping, Sequence
 
 import torch
 
@@ -434,3 +435,68 @@ class LossGraph:
         tree = LossTree(root, operator_set, branch_inputs(task, branch, operator_set))
         w = default_branch_weight(task, branch) if weight is None else weight
         return LossGraph(task, {branch: Branch(tree, w)})
+
+
+_TOKEN = re.compile(r"\s*(?:([A-Za-z_][A-Za-z0-9_]*|[0-9]+)|(.))")
+
+
+def parse_prefix(
+    text: str,
+    operator_set: str = "autoloss_zero",
+    inputs: Sequence[str] = ("y_hat", "y", "1"),
+    aliases: Mapping[str, str] | None = None,
+) -> LossTree:
+    """Parse the prefix form of :meth:`LossTree.canonical` (e.g. ``neg(log(mul(y_hat,y)))``) into a
+    validated tree, through the operator whitelist only (no eval).
+
+    Operator names are matched case-insensitively (so CSE-AutoLoss strings like ``Neg(Log(X))``
+    parse); `aliases` renames input leaves (e.g. ``{"X": "x", "Z": "w"}``).
+    """
+    ops = get_operator_set(operator_set)
+    lower = {name.lower(): name for name in ops}
+    aliases = dict(aliases or {})
+    tokens: list[str] = []
+    for m in _TOKEN.finditer(text):
+        word, other = m.group(1), m.group(2)
+        if word is not None:
+            tokens.append(word)
+        elif other is not None and other.strip():
+            if other not in "(),":
+                raise InvalidLossError(f"unexpected character {other!r} in {text!r}")
+            tokens.append(other)
+    pos = 0
+
+    def peek() -> str | None:
+        return tokens[pos] if pos < len(tokens) else None
+
+    def take(expected: str | None = None) -> str:
+        nonlocal pos
+        tok = peek()
+        if tok is None or (expected is not None and tok != expected):
+            raise InvalidLossError(f"expected {expected or 'a name'!r} at token {pos} of {text!r}, got {tok!r}")
+        pos += 1
+        return tok
+
+    def node(depth: int) -> Node:
+        if depth > MAX_DEPTH + 1:
+            raise InvalidLossError(f"expression nested deeper than {MAX_DEPTH}: {text[:60]!r}...")
+        word = take()
+        if word in "(),":
+            raise InvalidLossError(f"unexpected {word!r} at token {pos - 1} of {text!r}")
+        if peek() == "(":
+            take("(")
+            name = lower.get(word.lower())
+            if name is None:
+                raise InvalidLossError(f"unknown operator {word!r} (allowed: {', '.join(ops)})")
+            children = [node(depth + 1)]
+            while peek() == ",":
+                take(",")
+                children.append(node(depth + 1))
+            take(")")
+            return Node(op=name, children=tuple(children))
+        return Node.leaf(aliases.get(word, word))
+
+    root = node(0)
+    if pos != len(tokens):
+        raise InvalidLossError(f"trailing text after position {pos} in {text!r}")
+    return LossTree(root, operator_set, tuple(inputs))
