@@ -185,43 +185,89 @@ def class_boundaries(labels: torch.Tensor, valid: torch.Tensor, num_classes: int
     raise LossforgeError(f"unknown boundary definition {definition!r}; valid: {', '.join(BOUNDARY_DEFINITIONS)}")
 
 
+def _shift_reduce(x: torch.Tensor, radius: int, op) -> torch.Tensor:
+    """Separable (2r+1)² window reduction of (..., H, W) by in-place `op` on shifted views (out-of-image
+    positions are simply absent, i.e. never counted)."""
+    for dim in (-2, -1):
+        n = x.shape[dim]
+        out = x.clone()
+        for d in range(1, min(radius, n - 1) + 1):
+            head, tail = out.narrow(dim, d, n - d), out.narrow(dim, 0, n - d)
+            op(head, x.narrow(dim, 0, n - d), out=head)
+            op(tail, x.narrow(dim, d, n - d), out=tail)
+        x = out
+    return x
+
+
 def dilate(mask: torch.Tensor, radius: int) -> torch.Tensor:
-    """Binary dilation of (..., H, W) masks by a (2r+1)² square (separable max-pool, stride 1)."""
-    if radius <= 0:
-        return mask.bool()
-    shape = mask.shape
-    x = mask.reshape(-1, 1, shape[-2], shape[-1]).float()
-    k = 2 * radius + 1
-    x = F.max_pool2d(x, (k, 1), stride=1, padding=(radius, 0))
-    x = F.max_pool2d(x, (1, k), stride=1, padding=(0, radius))
-    return (x > 0.5).reshape(shape)
+    """Binary dilation of (..., H, W) masks by a (2r+1)² square (= max-pool of radius r, stride 1)."""
+    mask = mask.bool()
+    return _shift_reduce(mask, radius, torch.logical_or) if radius > 0 else mask
+
+
+def label_boundaries(labels: torch.Tensor, valid: torch.Tensor, num_classes: int, width: int = 1) -> torch.Tensor:
+    """(M, H, W) bool: valid pixels that are a boundary of their own class, i.e. some in-image pixel within
+    radius `width` has another label or is invalid. Equal to `class_boundaries(...).any(1)` for both
+    definitions, computed on the label map (no one-hot, no float pooling)."""
+    lab = torch.where(valid, labels, torch.full_like(labels, num_classes))  # invalid = a label of its own
+    hi = _shift_reduce(lab, width, torch.maximum)
+    lo = _shift_reduce(lab, width, torch.minimum)
+    return valid & ((hi != lab) | (lo != lab))
+
+
+_BITS = 62  # classes packed per int64 word
+
+
+def _matched_edges(edge: torch.Tensor, labels: torch.Tensor, other_edge: torch.Tensor, other_labels: torch.Tensor,
+                   num_classes: int, tolerance: int) -> torch.Tensor:
+    """(M, H, W) bool: edge pixels with an edge of the same class in the other map within `tolerance`.
+
+    The other map's per-class edge masks are packed as bits of int64 words and dilated all at once with
+    bitwise OR (a per-class dilation without a (M, C, H, W) tensor)."""
+    out = torch.zeros_like(edge)
+    for start in range(0, num_classes, _BITS):
+        in_chunk = other_edge & (other_labels >= start) & (other_labels < start + _BITS)
+        if not bool(in_chunk.any()):
+            continue
+        shift = (other_labels - start).clamp(0, _BITS - 1)
+        bits = torch.where(in_chunk, torch.ones_like(shift) << shift, torch.zeros_like(shift))
+        if tolerance > 0:
+            bits = _shift_reduce(bits, tolerance, torch.bitwise_or)
+        mine = edge & (labels >= start) & (labels < start + _BITS)
+        hit = (bits >> (labels - start).clamp(0, _BITS - 1)) & 1
+        out |= mine & hit.bool()
+    return out
 
 
 def _boundary_stats(pred: torch.Tensor, target: torch.Tensor, valid: torch.Tensor, num_classes: int,
-                    spec: BoundarySpec) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-group BIoU band confusion (G, C, C) and BF1 counts (G, C, 4) = n_pred, n_gt, match_pred, match_gt."""
+                    spec: BoundarySpec, need: tuple[str, ...] = BOUNDARY_METRICS
+                    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Per-group BIoU band confusion (G, C, C) and BF1 counts (G, C, 4) = n_pred, n_gt, match_pred, match_gt
+    (None for a metric not in `need`)."""
     g, n, h, w = pred.shape
     c = num_classes
-    p, t, v = pred.reshape(g * n, h, w), target.reshape(g * n, h, w), valid.reshape(g * n, h, w)
-    gt_edge = class_boundaries(t, v, c, spec.width, spec.definition)
-    pr_edge = class_boundaries(p, v, c, spec.width, spec.definition)
-    src = gt_edge[:, 1:] if (spec.drop_background and c > 1) else gt_edge
-    band = src.any(dim=1)
-    if spec.definition == "avgpool":
-        band = dilate(band, spec.tolerance)
-    band_conf = _confusion(pred, target, valid & band.reshape(g, n, h, w), c)
-    gt_dil = dilate(gt_edge, spec.tolerance)
-    pr_dil = dilate(pr_edge, spec.tolerance)
+    m = g * n
+    p, t, v = pred.reshape(m, h, w), target.reshape(m, h, w), valid.reshape(m, h, w)
+    gt_edge = label_boundaries(t, v, c, spec.width)
+    band_conf = None
+    if "BIoU" in need:
+        band = gt_edge & (t != BACKGROUND_CLASS) if (spec.drop_background and c > 1) else gt_edge
+        if spec.definition == "avgpool":
+            band = dilate(band, spec.tolerance)
+        band_conf = _confusion(pred, target, valid & band.reshape(g, n, h, w), c)
+    if "BF1" not in need:
+        return band_conf, None
+
+    pr_edge = label_boundaries(p, v, c, spec.width)
+    img_c = torch.arange(m, device=p.device).view(m, 1, 1) * c
+    matched_pr = _matched_edges(pr_edge, p, gt_edge, t, c, spec.tolerance)
+    matched_gt = _matched_edges(gt_edge, t, pr_edge, p, c, spec.tolerance)
     counts = torch.stack(
-        [
-            pr_edge.sum(dim=(-2, -1)),
-            gt_edge.sum(dim=(-2, -1)),
-            (pr_edge & gt_dil).sum(dim=(-2, -1)),
-            (gt_edge & pr_dil).sum(dim=(-2, -1)),
-        ],
+        [torch.bincount((img_c + lab)[mask], minlength=m * c)
+         for lab, mask in ((p, pr_edge), (t, gt_edge), (p, matched_pr), (t, matched_gt))],
         dim=-1,
-    )  # (M, C, 4)
-    return band_conf, counts.reshape(g, n, c, 4).sum(dim=1)
+    ).view(m, c, 4)
+    return band_conf, counts.view(g, n, c, 4).sum(dim=1)
 
 
 # ----------------------------------------------------------------------------- scores
@@ -267,10 +313,11 @@ def class_bf1(counts: torch.Tensor) -> torch.Tensor:
 
 def boundary_scores(band_conf: torch.Tensor, counts: torch.Tensor, drop_background: bool) -> dict[str, torch.Tensor]:
     """BIoU (IoU per class over the band, class mean) and BF1 (class mean, bg dropped if asked)."""
-    f1 = class_bf1(counts)
-    if drop_background and f1.shape[-1] > 1:
-        f1 = f1[..., 1:]
-    return {"BIoU": _nanmean(class_iou(band_conf)), "BF1": _nanmean(f1)}
+    return {"BIoU": _nanmean(class_iou(band_conf)), "BF1": _nanmean(_bf1_classes(class_bf1(counts), drop_background))}
+
+
+def _bf1_classes(f1: torch.Tensor, drop_background: bool) -> torch.Tensor:
+    return f1[..., 1:] if (drop_background and f1.shape[-1] > 1) else f1
 
 
 # ----------------------------------------------------------------------------- public API
@@ -345,8 +392,10 @@ def per_sample_metric(name: str, pred_labels: torch.Tensor, target: torch.Tensor
     if name in REGION_METRICS:
         return region_scores(_confusion(pred, target, valid, num_classes))[name]
     spec = BoundarySpec(boundary, boundary_width, tolerance, drop_background)
-    band_conf, counts = _boundary_stats(pred, target, valid, num_classes, spec)
-    return boundary_scores(band_conf, counts, spec.drop_background)[name]
+    band_conf, counts = _boundary_stats(pred, target, valid, num_classes, spec, need=(name,))
+    if name == "BIoU":
+        return _nanmean(class_iou(band_conf))
+    return _nanmean(_bf1_classes(class_bf1(counts), spec.drop_background))
 
 
 def metric_function(name: str, num_classes: int, **kw) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
