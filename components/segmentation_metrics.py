@@ -97,6 +97,8 @@ class BoundarySpec:
             raise LossforgeError(f"boundary_width must be an integer >= 1, got {self.width!r}")
         if not isinstance(self.tolerance, int) or self.tolerance < 0:
             raise LossforgeError(f"tolerance must be an integer >= 0, got {self.tolerance!r}")
+        if self.drop_background not in (None, True, False):
+            raise LossforgeError(f"drop_background must be true, false or None, got {self.drop_background!r}")
         if self.drop_background is None:
             object.__setattr__(self, "drop_background", self.definition == "avgpool")
 

@@ -362,6 +362,10 @@ def test_bad_inputs_raise_clear_errors():
         SegmentationMetrics(3, tolerance=-1)
     with pytest.raises(LossforgeError, match="num_classes"):
         SegmentationMetrics(0)
+    with pytest.raises(LossforgeError, match="drop_background"):
+        SegmentationMetrics(3, drop_background="yes")
+    with pytest.raises(LossforgeError, match="label maps must be"):
+        per_sample_metric("mIoU", t[0, 0], t[0, 0], 3)
 
 
 def test_describe_names_the_boundary_definition():
