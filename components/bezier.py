@@ -149,8 +149,9 @@ class PiecewiseCurve(nn.Module):
         self.family, self.pieces = family, pieces
         self.theta = validate_theta(theta, family, pieces)
         knots, rows = curve_tables(self.theta, family, pieces)
-        self.register_buffer("knots", torch.tensor(knots, dtype=torch.float32), persistent=False)
-        self.register_buffer("table", torch.tensor(rows, dtype=torch.float32), persistent=False)
+        # float64 tables, cast to the input's dtype/device at every call (exact for float64 inputs)
+        self.register_buffer("knots", torch.tensor(knots, dtype=torch.float64), persistent=False)
+        self.register_buffer("table", torch.tensor(rows, dtype=torch.float64), persistent=False)
 
     @property
     def control_points(self) -> list[tuple[float, float]]:
@@ -158,16 +159,13 @@ class PiecewiseCurve(nn.Module):
         return control_points(self.theta, self.family, self.pieces)
 
     def forward(self, y: torch.Tensor) -> torch.Tensor:
-        knots, table = self.knots, self.table
-        if table.dtype != y.dtype or table.device != y.device:
-            knots, table = knots.to(y), table.to(y)
-        return KERNELS[self.family](y, knots, table)
+        return KERNELS[self.family](y, self.knots.to(y), self.table.to(y))
 
 
 def sample_curve(theta: Sequence[float], family: str = "bezier", pieces: int = 2, points: int = 101) -> tuple[list[float], list[float]]:
     """(ys, g(ys)) on an even grid of [0, 1], e.g. for plotting the searched curves."""
     ys = torch.linspace(0.0, 1.0, points, dtype=torch.float64)
-    curve = PiecewiseCurve(theta, family, pieces).double()
+    curve = PiecewiseCurve(theta, family, pieces)
     with torch.no_grad():
         gs = curve(ys)
     return ys.tolist(), gs.tolist()

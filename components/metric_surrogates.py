@@ -385,8 +385,8 @@ CURVE_TABLES = {tables!r}
 class _Curve(nn.Module):
     def __init__(self, knots, rows):
         super().__init__()
-        self.register_buffer("knots", torch.tensor(knots, dtype=torch.float32), persistent=False)
-        self.register_buffer("table", torch.tensor(rows, dtype=torch.float32), persistent=False)
+        self.register_buffer("knots", torch.tensor(knots, dtype=torch.float64), persistent=False)
+        self.register_buffer("table", torch.tensor(rows, dtype=torch.float64), persistent=False)
 
     def forward(self, y):
         return {kernel_name}(y, self.knots.to(y), self.table.to(y))
