@@ -1,0 +1,396 @@
+"""Proxy training: train one segmentation model per candidate loss, side by side, and evaluate all six metrics.
+
+Recipe (AutoLoss-Zero appendix A.1, Auto Seg-Loss proxy; ``PAPER_PROXY``): DeepLabV3+ R50, images
+down-sampled to 128², batch 32, SGD momentum 0.9, weight decay 5e-4, lr 0.02 with ×10 on the head,
+poly decay (power 0.9) to 1e-4, a short schedule (3 epochs ≈ 1000 iterations on VOC). ``ProxyConfig()``
+defaults are a small CPU version (lightest model, 64², batch 8) that trains on the embedded shapes data
+in well under a minute.
+
+``train_proxy`` trains M models together: one batch is loaded, resized and flipped once and fed to
+every model (Auto Seg-Loss trains 4 models per GPU that share each batch). All models start from the
+same initial weights (one build, deep-copied) and see the same batches in the same order. Each model
+keeps its own RNG state (for dropout), so a model's result does not depend on which other losses it was
+trained with: training {a, b} together gives exactly the same numbers for ``a`` as training {a} alone.
+A non-finite loss stops that model at once (status ``"nan"``, ``iterations`` = the 1-based iteration at
+which it happened); an exception raised by one loss marks that model ``"failed"``; the others go on.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from components.errors import LossforgeError
+from components.seg_models import MODEL_PRESETS, ModelConfig, build_model, param_groups, resolve_device
+from components.segmentation_metrics import METRIC_NAMES, SegmentationMetrics, canonical_metric_name
+
+STATUSES = ("ok", "nan", "failed")
+ProgressCallback = Callable[[int, int, dict[str, float]], None]
+
+
+@dataclass(frozen=True)
+class ProxyConfig:
+    """Training schedule and optimiser for a proxy (or final) training; defaults = small CPU proxy.
+
+    The paper's values are in ``PAPER_PROXY``. ``model.input_size`` is the training resolution.
+    """
+
+    model: ModelConfig = MODEL_PRESETS["lite"]
+    iterations: int = 150
+    batch_size: int = 8
+    lr: float = 0.01
+    head_lr_mult: float = 10.0
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    poly_power: float = 0.9
+    min_lr: float = 1e-4
+    hflip: bool = True
+    eval_batch_size: int = 16
+    seed: int = 0
+    device: str = "auto"
+    num_workers: int = 0
+    ignore_index: int = 255
+    boundary: str = "avgpool"
+    boundary_width: int = 1
+    tolerance: int = 5
+
+    def __post_init__(self) -> None:
+        positive = {"iterations": self.iterations, "batch_size": self.batch_size, "eval_batch_size": self.eval_batch_size}
+        for name, value in positive.items():
+            if not isinstance(value, int) or value < 1:
+                raise LossforgeError(f"proxy.{name}: must be a positive int, got {value!r}")
+        for name in ("lr", "head_lr_mult", "poly_power"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not value > 0:
+                raise LossforgeError(f"proxy.{name}: must be > 0, got {value!r}")
+        for name in ("momentum", "weight_decay", "min_lr"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or value < 0:
+                raise LossforgeError(f"proxy.{name}: must be >= 0, got {value!r}")
+        if self.min_lr > self.lr:
+            raise LossforgeError(f"proxy.min_lr: must be <= lr ({self.lr}), got {self.min_lr}")
+        if self.num_workers < 0:
+            raise LossforgeError(f"proxy.num_workers: must be >= 0, got {self.num_workers}")
+        if not isinstance(self.model, ModelConfig):
+            raise LossforgeError(f"proxy.model: must be a ModelConfig, got {type(self.model).__name__}")
+
+
+# AutoLoss-Zero appendix A.1 / Auto Seg-Loss proxy (1000 iterations ≈ 3 epochs of VOC aug at batch 32).
+PAPER_PROXY = ProxyConfig(
+    model=MODEL_PRESETS["paper_proxy"], iterations=1000, batch_size=32, lr=0.02, head_lr_mult=10.0,
+    momentum=0.9, weight_decay=5e-4, poly_power=0.9, min_lr=1e-4, eval_batch_size=32, device="cuda", num_workers=4,
+)
+
+
+@dataclass
+class ProxyResult:
+    """Outcome of one model's training: ``status`` ok / nan / failed, the six metrics and the target value.
+
+    ``iterations``: iterations run (for ``"nan"``: the 1-based iteration whose loss was not finite).
+    ``seconds``: this model's own compute time (its forward/backward/evaluation; shared data loading excluded).
+    ``metrics`` and ``target`` are empty/None unless the status is ``"ok"``.
+    """
+
+    name: str
+    status: str
+    metrics: dict[str, float] = field(default_factory=dict)
+    target: float | None = None
+    iterations: int = 0
+    seconds: float = 0.0
+    message: str = ""
+    target_metric: str = ""
+    final_loss: float | None = None
+
+    def to_dict(self) -> dict:
+        """JSON-able form (NaN metric values become None)."""
+        clean = {k: (v if v is not None and math.isfinite(v) else None) for k, v in self.metrics.items()}
+        target = self.target if self.target is not None and math.isfinite(self.target) else None
+        return {
+            "name": self.name, "status": self.status, "metrics": clean, "target_metric": self.target_metric,
+            "target": target, "iterations": self.iterations, "seconds": round(self.seconds, 3),
+            "message": self.message, "final_loss": self.final_loss,
+        }
+
+
+@dataclass
+class _Member:
+    """One model under training with its loss, optimiser and private RNG state."""
+
+    name: str
+    loss: nn.Module
+    model: nn.Module | None
+    optimizer: torch.optim.Optimizer | None
+    rng: torch.Tensor
+    cuda_rng: torch.Tensor | None
+    result: ProxyResult
+
+    @property
+    def active(self) -> bool:
+        return self.result.status == "ok" and self.model is not None
+
+    def stop(self, status: str, message: str) -> None:
+        self.result.status = status
+        self.result.message = message
+        self.model = None
+        self.optimizer = None
+
+
+def _resize_pair(image: torch.Tensor, mask: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    if image.shape[-2:] != (size, size):
+        image = F.interpolate(image[None].float(), size=(size, size), mode="bilinear", align_corners=False)[0]
+    if mask.shape[-2:] != (size, size):
+        mask = F.interpolate(mask[None, None].float(), size=(size, size), mode="nearest")[0, 0].long()
+    return image.float(), mask.long()
+
+
+class _TrainCollate:
+    """Resize every (image, mask) pair to the training resolution and stack (runs in DataLoader workers)."""
+
+    def __init__(self, size: int):
+        self.size = size
+
+    def __call__(self, samples):
+        pairs = [_resize_pair(img, msk, self.size) for img, msk in samples]
+        return torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
+
+
+class _EvalCollate:
+    """Resize images to the model resolution; keep masks at their own size (logits are upsampled to them)."""
+
+    def __init__(self, size: int):
+        self.size = size
+
+    def __call__(self, samples):
+        images = torch.stack([_resize_pair(img, img.new_zeros(img.shape[-2:]), self.size)[0] for img, _ in samples])
+        return images, [msk.long() for _, msk in samples]
+
+
+def poly_lr(base_lr: float, iteration: int, total: int, power: float, min_lr: float) -> float:
+    """mmseg poly schedule: (base − min)·(1 − it/total)^power + min, for the 0-based ``iteration``."""
+    coeff = (1.0 - iteration / total) ** power
+    return (base_lr - min_lr) * coeff + min_lr
+
+
+def training_batches(dataset: Dataset, cfg: ProxyConfig, device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Endless stream of (images (B,3,S,S), masks (B,S,S)) on ``device``: seeded shuffle per epoch,
+    resize to ``cfg.model.input_size``, random horizontal flip; deterministic for a given ``cfg.seed``."""
+    if len(dataset) < cfg.batch_size:
+        raise LossforgeError(f"training set has {len(dataset)} images, fewer than proxy.batch_size={cfg.batch_size}")
+    shuffle = torch.Generator().manual_seed(cfg.seed)
+    flips = torch.Generator().manual_seed(cfg.seed + 1)
+    loader = DataLoader(
+        dataset, batch_size=cfg.batch_size, shuffle=True, drop_last=True, generator=shuffle,
+        num_workers=cfg.num_workers, collate_fn=_TrainCollate(cfg.model.input_size),
+        pin_memory=device.type == "cuda", persistent_workers=cfg.num_workers > 0,
+    )
+    while True:
+        for images, masks in loader:
+            if cfg.hflip:
+                flip = torch.rand(images.shape[0], generator=flips) < 0.5
+                images = torch.where(flip[:, None, None, None], images.flip(-1), images)
+                masks = torch.where(flip[:, None, None], masks.flip(-1), masks)
+            yield images.to(device, non_blocking=True), masks.to(device, non_blocking=True)
+
+
+def _num_classes(dataset: Dataset, num_classes: int | None) -> int:
+    if num_classes is not None:
+        return int(num_classes)
+    n = getattr(dataset, "num_classes", None)
+    if n is None:
+        raise LossforgeError("num_classes: the training set has no 'num_classes'; pass num_classes=")
+    return int(n)
+
+
+def _make_members(losses: Mapping[str, nn.Module], template: nn.Module, cfg: ProxyConfig, device: torch.device,
+                  target_metric: str) -> list[_Member]:
+    torch.manual_seed(cfg.seed + 2)
+    rng = torch.get_rng_state()
+    cuda_rng = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    members = []
+    for name, loss in losses.items():
+        result = ProxyResult(name=name, status="ok", target_metric=target_metric)
+        member = _Member(name, loss, None, None, rng.clone(), None if cuda_rng is None else cuda_rng.clone(), result)
+        try:
+            if not isinstance(loss, nn.Module) and not callable(loss):
+                raise TypeError(f"loss must be an nn.Module or callable, got {type(loss).__name__}")
+            if isinstance(loss, nn.Module):
+                loss.to(device)
+            model = copy.deepcopy(template).to(device)
+            member.model = model
+            member.optimizer = torch.optim.SGD(
+                param_groups(model, cfg.lr, cfg.head_lr_mult), lr=cfg.lr, momentum=cfg.momentum,
+                weight_decay=cfg.weight_decay,
+            )
+        except Exception as exc:  # a bad candidate never crashes the others
+            member.stop("failed", f"{type(exc).__name__}: {exc}")
+        members.append(member)
+    return members
+
+
+class _MemberRNG:
+    """Context manager that swaps a member's private RNG state in and out of torch's global generator."""
+
+    def __init__(self, member: _Member, device: torch.device):
+        self.member, self.device = member, device
+
+    def __enter__(self):
+        torch.set_rng_state(self.member.rng)
+        if self.member.cuda_rng is not None:
+            torch.cuda.set_rng_state(self.member.cuda_rng, self.device)
+
+    def __exit__(self, *exc):
+        self.member.rng = torch.get_rng_state()
+        if self.member.cuda_rng is not None:
+            self.member.cuda_rng = torch.cuda.get_rng_state(self.device)
+        return False
+
+
+def _train_step(member: _Member, images: torch.Tensor, masks: torch.Tensor, iteration: int, cfg: ProxyConfig,
+                device: torch.device) -> float | None:
+    """One SGD step of one member; returns the loss value, or None after stopping the member."""
+    model, opt = member.model, member.optimizer
+    for group in opt.param_groups:
+        group["lr"] = poly_lr(group["initial_lr"], iteration - 1, cfg.iterations, cfg.poly_power, cfg.min_lr)
+    try:
+        with _MemberRNG(member, device):
+            model.train()
+            logits = model(images)
+            loss = member.loss(logits, masks)
+            if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+                shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+                raise ValueError(f"loss must return a scalar tensor, got {shape}")
+            value = float(loss.detach())
+            if not math.isfinite(value):
+                member.result.iterations = iteration
+                member.stop("nan", f"loss was {value} at iteration {iteration}")
+                return None
+            opt.zero_grad(set_to_none=True)
+            loss.reshape(()).backward()
+            opt.step()
+    except Exception as exc:  # isolate one bad loss from the others
+        member.result.iterations = iteration
+        member.stop("failed", f"{type(exc).__name__}: {exc}"[:500])
+        return None
+    member.result.iterations = iteration
+    member.result.final_loss = value
+    return value
+
+
+@torch.no_grad()
+def evaluate_models(models: Mapping[str, nn.Module], dataset: Dataset, cfg: ProxyConfig, num_classes: int,
+                    device: torch.device) -> dict[str, dict[str, float] | Exception]:
+    """Six metrics of every model on ``dataset`` (each batch loaded once for all models).
+
+    Images are resized to the model resolution; logits are upsampled to each mask's own size before argmax.
+    A model whose evaluation raises gets the exception instead of a metrics dict.
+    """
+    meters = {
+        name: SegmentationMetrics(num_classes, cfg.ignore_index, boundary=cfg.boundary,
+                                  boundary_width=cfg.boundary_width, tolerance=cfg.tolerance)
+        for name in models
+    }
+    errors: dict[str, Exception] = {}
+    loader = DataLoader(dataset, batch_size=cfg.eval_batch_size, shuffle=False, num_workers=cfg.num_workers,
+                        collate_fn=_EvalCollate(cfg.model.input_size))
+    for model in models.values():
+        model.eval()
+    for images, masks in loader:
+        images = images.to(device, non_blocking=True)
+        same_size = all(m.shape == masks[0].shape for m in masks)
+        for name, model in models.items():
+            if name in errors:
+                continue
+            try:
+                logits = model(images)
+                if same_size:
+                    if logits.shape[-2:] != masks[0].shape:
+                        logits = F.interpolate(logits, size=tuple(masks[0].shape), mode="bilinear", align_corners=False)
+                    meters[name].update(logits.argmax(1), torch.stack(masks).to(device))
+                else:
+                    for k, mask in enumerate(masks):
+                        one = F.interpolate(logits[k:k + 1], size=tuple(mask.shape), mode="bilinear", align_corners=False)
+                        meters[name].update(one.argmax(1), mask[None].to(device))
+            except Exception as exc:
+                errors[name] = exc
+    return {name: errors[name] if name in errors else meters[name].compute() for name in models}
+
+
+def train_proxy(
+    losses: Mapping[str, nn.Module],
+    train_ds: Dataset,
+    eval_ds: Dataset,
+    cfg: ProxyConfig = ProxyConfig(),
+    target_metric: str = "mIoU",
+    *,
+    num_classes: int | None = None,
+    on_progress: ProgressCallback | None = None,
+) -> dict[str, ProxyResult]:
+    """Train one model per loss on the same batches, evaluate on ``eval_ds``; returns name → ProxyResult.
+
+    ``losses``: name → loss module ``(logits (N,C,H,W), target (N,H,W)) -> scalar``. ``num_classes``
+    defaults to ``train_ds.num_classes``. ``on_progress(iteration, total, {name: loss value})`` is called
+    after every iteration with the losses of the models still training.
+    """
+    if not losses:
+        raise LossforgeError("train_proxy: no losses given")
+    target_metric = canonical_metric_name(target_metric)
+    if target_metric not in METRIC_NAMES:
+        raise LossforgeError(f"target metric {target_metric!r} unknown; known: {', '.join(METRIC_NAMES)}")
+    n_classes = _num_classes(train_ds, num_classes)
+    device = resolve_device(cfg.device)
+    if len(eval_ds) == 0:
+        raise LossforgeError("evaluation set is empty")
+
+    torch.manual_seed(cfg.seed)
+    template = build_model(cfg.model, n_classes)
+    members = _make_members(losses, template, cfg, device, target_metric)
+    del template
+    clock = {m.name: 0.0 for m in members}
+
+    batches = training_batches(train_ds, cfg, device)
+    for iteration in range(1, cfg.iterations + 1):
+        if not any(m.active for m in members):
+            break
+        images, masks = next(batches)
+        values: dict[str, float] = {}
+        for member in members:
+            if not member.active:
+                continue
+            start = time.perf_counter()
+            value = _train_step(member, images, masks, iteration, cfg, device)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            clock[member.name] += time.perf_counter() - start
+            if value is not None:
+                values[member.name] = value
+        if on_progress is not None:
+            on_progress(iteration, cfg.iterations, values)
+
+    alive = {m.name: m.model for m in members if m.active}
+    if alive:
+        start = time.perf_counter()
+        evaluated = evaluate_models(alive, eval_ds, cfg, n_classes, device)
+        share = (time.perf_counter() - start) / len(alive)
+        for member in members:
+            if member.name not in evaluated:
+                continue
+            outcome = evaluated[member.name]
+            clock[member.name] += share
+            if isinstance(outcome, Exception):
+                member.stop("failed", f"evaluation: {type(outcome).__name__}: {outcome}"[:500])
+            else:
+                member.result.metrics = outcome
+                member.result.target = outcome[target_metric]
+                member.model = None
+                member.optimizer = None
+    for member in members:
+        member.result.seconds = clock[member.name]
+    return {m.name: m.result for m in members}

@@ -1,0 +1,239 @@
+"""Final re-training: the searched loss and every baseline on the full schedule, compared on the test set.
+
+``retrain_and_compare`` trains one model per loss side by side with the proxy-training machinery
+(``train_proxy``: same initial weights, same batches), on the full schedule (``RetrainConfig``: more
+iterations, full resolution, the model from config), optionally over several seeds, evaluates the
+held-out test set with all six metrics and returns a ``ComparisonTable``. ``write_table`` writes it as
+Markdown (target metric column marked, best value per column in bold) and JSON (``lossforge.comparison/1``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import statistics
+import tempfile
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+from torch.utils.data import Dataset
+
+from components.atomic_io import write_json_atomic
+from components.errors import LossforgeError
+from components.proxy_training import ProgressCallback, ProxyConfig, train_proxy
+from components.seg_models import MODEL_PRESETS, ModelConfig
+from components.segmentation_metrics import METRIC_NAMES, canonical_metric_name
+
+TABLE_FORMAT = "lossforge.comparison/1"
+DEFAULT_BASELINES = ("ce", "weighted_ce", "dice", "lovasz", "focal", "soft_iou")
+
+
+@dataclass(frozen=True)
+class RetrainConfig(ProxyConfig):
+    """Full training schedule; defaults = the CPU demo (lite model at the embedded data's 128², 600 iterations).
+
+    The papers' setting is ``PAPER_RETRAIN``. Any ``ProxyConfig`` is accepted by ``retrain_and_compare`` too.
+    """
+
+    model: ModelConfig = dataclasses.replace(MODEL_PRESETS["lite"], input_size=128)
+    iterations: int = 600
+
+
+# DeepLabV3+ R101 at 512² (AutoLoss-Zero: "30 epochs, same setting as DeepLabV3+ [8]"): batch 16, lr 0.007
+# (DeepLabV3+ paper, no head multiplier), poly 0.9, ~20k iterations = 30 epochs of VOC aug (10582 images).
+PAPER_RETRAIN = RetrainConfig(
+    model=MODEL_PRESETS["paper_retrain"], iterations=20000, batch_size=16, lr=0.007, head_lr_mult=1.0,
+    momentum=0.9, weight_decay=5e-4, poly_power=0.9, min_lr=1e-4, eval_batch_size=8, device="cuda", num_workers=8,
+)
+
+
+@dataclass
+class ComparisonRow:
+    """One loss after re-training: mean (and std over seeds) of each metric, or why it has none."""
+
+    name: str
+    status: str
+    metrics: dict[str, float] = field(default_factory=dict)
+    std: dict[str, float] = field(default_factory=dict)
+    iterations: int = 0
+    seconds: float = 0.0
+    message: str = ""
+
+
+@dataclass
+class ComparisonTable:
+    """Metrics of every loss on the test set; ``target_metric`` is the metric the search optimised."""
+
+    target_metric: str
+    rows: list[ComparisonRow]
+    metrics: tuple[str, ...] = METRIC_NAMES
+    seeds: tuple[int, ...] = (0,)
+    config: dict[str, Any] = field(default_factory=dict)
+
+    def row(self, name: str) -> ComparisonRow:
+        """The row of loss ``name``."""
+        for r in self.rows:
+            if r.name == name:
+                return r
+        raise LossforgeError(f"comparison table has no loss {name!r}; rows: {', '.join(r.name for r in self.rows)}")
+
+    def best(self, metric: str) -> list[str]:
+        """Names of the losses with the highest value of ``metric`` (ties all listed; [] if none finite)."""
+        values = {r.name: r.metrics.get(metric) for r in self.rows if r.status == "ok"}
+        finite = {k: v for k, v in values.items() if v is not None and math.isfinite(v)}
+        if not finite:
+            return []
+        top = max(finite.values())
+        return [k for k, v in finite.items() if v == top]
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able form (non-finite numbers become null)."""
+
+        def clean(d: Mapping[str, float]) -> dict[str, float | None]:
+            return {k: (v if v is not None and math.isfinite(v) else None) for k, v in d.items()}
+
+        return {
+            "format": TABLE_FORMAT,
+            "target_metric": self.target_metric,
+            "metrics": list(self.metrics),
+            "seeds": list(self.seeds),
+            "best": {m: self.best(m) for m in self.metrics},
+            "rows": [
+                {"name": r.name, "status": r.status, "metrics": clean(r.metrics), "std": clean(r.std),
+                 "iterations": r.iterations, "seconds": round(r.seconds, 3), "message": r.message}
+                for r in self.rows
+            ],
+            "config": self.config,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "ComparisonTable":
+        """Rebuild a table written by ``to_dict`` (e.g. to re-render the Markdown)."""
+        if data.get("format") != TABLE_FORMAT:
+            raise LossforgeError(f"comparison table: format must be {TABLE_FORMAT!r}, got {data.get('format')!r}")
+
+        def unclean(d: Mapping[str, Any]) -> dict[str, float]:
+            return {k: (math.nan if v is None else float(v)) for k, v in d.items()}
+
+        rows = [
+            ComparisonRow(r["name"], r["status"], unclean(r.get("metrics", {})), unclean(r.get("std", {})),
+                          int(r.get("iterations", 0)), float(r.get("seconds", 0.0)), r.get("message", ""))
+            for r in data["rows"]
+        ]
+        return cls(data["target_metric"], rows, tuple(data["metrics"]), tuple(data.get("seeds", (0,))), data.get("config", {}))
+
+    def to_markdown(self) -> str:
+        """Markdown table in percent; the target metric's column is marked, the best value per column is bold."""
+        header = ["loss", "status"] + [f"**{m}** (target)" if m == self.target_metric else m for m in self.metrics]
+        lines = [
+            f"Re-training comparison on the test set (target metric: **{self.target_metric}**; "
+            f"values in %, mean over seeds {', '.join(map(str, self.seeds))}; best per column in bold).",
+            "",
+            "| " + " | ".join(header) + " |",
+            "|" + "|".join(["---", "---"] + ["---:"] * len(self.metrics)) + "|",
+        ]
+        best = {m: set(self.best(m)) for m in self.metrics}
+        for r in self.rows:
+            cells = [r.name, r.status if r.status == "ok" else f"{r.status} (it {r.iterations})"]
+            for m in self.metrics:
+                v = r.metrics.get(m)
+                if r.status != "ok" or v is None or not math.isfinite(v):
+                    cells.append("—")
+                    continue
+                text = f"{100 * v:.2f}"
+                s = r.std.get(m)
+                if len(self.seeds) > 1 and s is not None and math.isfinite(s):
+                    text += f" ± {100 * s:.2f}"
+                cells.append(f"**{text}**" if r.name in best[m] else text)
+            lines.append("| " + " | ".join(cells) + " |")
+        failed = [r for r in self.rows if r.status != "ok" and r.message]
+        if failed:
+            lines.append("")
+            lines.extend(f"- {r.name}: {r.message}" for r in failed)
+        return "\n".join(lines) + "\n"
+
+
+def _aggregate(name: str, results: Sequence[Any]) -> ComparisonRow:
+    bad = next((r for r in results if r.status != "ok"), None)
+    if bad is not None:
+        return ComparisonRow(name, bad.status, iterations=bad.iterations, seconds=sum(r.seconds for r in results),
+                             message=bad.message)
+    means, stds = {}, {}
+    for m in METRIC_NAMES:
+        vals = [r.metrics[m] for r in results if m in r.metrics]
+        means[m] = statistics.fmean(vals) if vals else math.nan
+        stds[m] = statistics.pstdev(vals) if len(vals) > 1 else 0.0
+    return ComparisonRow(name, "ok", means, stds, iterations=results[0].iterations,
+                         seconds=sum(r.seconds for r in results))
+
+
+def retrain_and_compare(
+    losses: Mapping[str, nn.Module],
+    train_ds: Dataset,
+    test_ds: Dataset,
+    cfg: ProxyConfig = RetrainConfig(),
+    target_metric: str = "mIoU",
+    *,
+    seeds: Iterable[int] | None = None,
+    num_classes: int | None = None,
+    on_progress: ProgressCallback | None = None,
+) -> ComparisonTable:
+    """Train every loss on ``train_ds`` with ``cfg`` (side by side, per seed) and compare them on ``test_ds``.
+
+    ``seeds`` defaults to ``(cfg.seed,)``; with several, the table holds the mean and std per metric.
+    ``on_progress(iteration, total, losses)`` counts iterations over all seeds.
+    """
+    target_metric = canonical_metric_name(target_metric)
+    seed_list = tuple(int(s) for s in (seeds if seeds is not None else (cfg.seed,)))
+    if not seed_list:
+        raise LossforgeError("retrain: seeds must not be empty")
+    per_loss: dict[str, list[Any]] = {name: [] for name in losses}
+    for k, seed in enumerate(seed_list):
+        progress = None
+        if on_progress is not None:
+            offset, grand = k * cfg.iterations, len(seed_list) * cfg.iterations
+
+            def progress(it: int, _total: int, values: dict[str, float], _o: int = offset, _g: int = grand) -> None:
+                on_progress(_o + it, _g, values)
+
+        results = train_proxy(losses, train_ds, test_ds, dataclasses.replace(cfg, seed=seed), target_metric,
+                              num_classes=num_classes, on_progress=progress)
+        for name, result in results.items():
+            per_loss[name].append(result)
+    rows = [_aggregate(name, results) for name, results in per_loss.items()]
+    config = dataclasses.asdict(cfg)
+    config["config_class"] = type(cfg).__name__
+    return ComparisonTable(target_metric, rows, METRIC_NAMES, seed_list, config)
+
+
+def baseline_losses(names: Iterable[str | Mapping[str, Any]] = DEFAULT_BASELINES,
+                    num_classes: int | None = None) -> dict[str, nn.Module]:
+    """Build the handcrafted baselines to compare against (names or specs for ``build_loss``)."""
+    from components.loss_registry import build_loss, loss_name
+
+    return {loss_name(spec): build_loss(spec, num_classes=num_classes) for spec in names}
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_table(table: ComparisonTable, md_path: str | os.PathLike, json_path: str | os.PathLike) -> tuple[Path, Path]:
+    """Write the table as Markdown and as JSON (both atomically); returns the two paths."""
+    md, js = Path(md_path), Path(json_path)
+    _write_text_atomic(md, table.to_markdown())
+    write_json_atomic(js, table.to_dict())
+    return md, js
