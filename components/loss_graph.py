@@ -385,6 +385,9 @@ class LossGraph:
         ordered = {n: self.branches[n] for n in order if n in self.branches}
         object.__setattr__(self, "branches", ordered)
 
+    def __hash__(self) -> int:
+        return hash(self.canonical())
+
     def branch_loss(self, name: str, inputs: Mapping[str, torch.Tensor], valid=None) -> torch.Tensor:
         """Unweighted Eq. 3 loss of branch `name`, shape ``(*batch)``."""
         if name not in self.branches:

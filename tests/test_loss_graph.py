@@ -150,6 +150,7 @@ def test_canonical_and_hash():
     assert g.hash() == hashlib.sha256(g.canonical().encode()).hexdigest()[:16]
     same = LossGraph.single("segmentation", "seg", A("neg", A("log", A("mul", L("y_hat"), L("y")))))
     assert same.hash() == g.hash() and same == g
+    assert len({g, same}) == 1  # graphs are hashable (by canonical string)
     others = [
         LossGraph.single("segmentation", "seg", A("neg", A("log", A("mul", L("y"), L("y_hat"))))),
         LossGraph.single("segmentation", "seg", A("neg", A("log", A("mul", L("y_hat"), L("y")))), weight=2.0),
