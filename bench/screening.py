@@ -1,0 +1,126 @@
+"""Benchmark of the loss-rejection protocol: naive reference vs the real implementation.
+
+One fixed, seeded stream of candidates from the project's own generator (components.generation:
+K random graphs, then offspring -- copy / re-init / two mutations -- of parents drawn from the stream)
+is screened twice on the same probe (the embedded shapes dataset, resized, with `--classes` output
+classes of a randomly initialised network):
+
+* naive: `screen_naive`, one candidate at a time, one sample at a time, plain eager loop with
+  torch.optim.SGD, no cache, no folding, no early exit;
+* real: `screen` (batched over samples, constant folding, exact early exits) with a fresh in-memory
+  gradient-equivalence cache, over `--workers` processes.
+
+Prints both throughputs (candidates/min), the verdict agreement between the two, the accepted fraction
+and the reason histogram, and as the last line `ratio: <real/naive>x`.
+
+    python bench/screening.py                      # paper settings: 200 candidates, 64², 21 classes, B=5, 500 steps
+    python bench/screening.py --candidates 40 --size 32 --steps 100   # quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from components.equivalence import EquivalenceCache  # noqa: E402
+from components.generation import TreeGenerator  # noqa: E402
+from components.rejection import ScreeningConfig, screen_many, screen_naive  # noqa: E402
+from components.segmentation_task import build_screening_problem  # noqa: E402
+
+
+def candidate_stream(count: int, seed: int, initial: int = 20, operator_set: str = "autoloss_zero"):
+    """`count` graphs: `initial` random ones, then offspring of parents drawn uniformly from the stream."""
+    gen = TreeGenerator(operator_set, depth=3, rng=random.Random(seed))
+    stream = []
+    for i in range(count):
+        if i < initial:
+            stream.append(gen.random_graph("segmentation"))
+        else:
+            parent = stream[gen.rng.randrange(len(stream))]
+            stream.append(gen.offspring(parent)[0])
+    return stream
+
+
+def probe_dataset(size: int, seed: int):
+    """The embedded shapes dataset (a few training images) as a SegmentationDataset."""
+    from components.seg_datasets import open_segmentation_dataset
+    from components.shapes_dataset import generate_shapes
+
+    root = Path(tempfile.mkdtemp(prefix="lf-bench-")) / "shapes"
+    generate_shapes(root, num_train=16, num_test=4, image_size=max(size, 32), seed=seed)
+    return open_segmentation_dataset(root)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--candidates", type=int, default=200)
+    ap.add_argument("--size", type=int, default=64)
+    ap.add_argument("--classes", type=int, default=21)
+    ap.add_argument("--steps", type=int, default=500)
+    ap.add_argument("--samples", type=int, default=5)
+    ap.add_argument("--metric", default="mIoU")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--workers", type=int, default=1, help="processes for the real implementation")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
+    ap.add_argument("--early-check-step", type=int, default=None,
+                    help="enable the optional early check in the real run (can change verdicts)")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    load = os.getloadavg()
+    print(f"settings: {args.candidates} candidates, probe {args.size}x{args.size}, {args.classes} classes, "
+          f"B={args.samples}, {args.steps} steps, metric {args.metric}, seed {args.seed}, "
+          f"torch threads {torch.get_num_threads()}, workers {args.workers}, cpus {os.cpu_count()}")
+    print(f"load average at start: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
+
+    dataset = probe_dataset(args.size, args.seed)
+    problem = build_screening_problem(dataset, args.metric, num_classes=args.classes, samples=args.samples,
+                                      size=args.size, seed=args.seed)
+    stream = candidate_stream(args.candidates, args.seed)
+    base = ScreeningConfig(samples=args.samples, steps=args.steps)
+    real_cfg = ScreeningConfig(samples=args.samples, steps=args.steps, early_check_step=args.early_check_step)
+
+    t0 = time.perf_counter()
+    naive = [screen_naive(g, problem, base) for g in stream]
+    naive_s = time.perf_counter() - t0
+
+    cache = EquivalenceCache(None, problem.key)
+    t0 = time.perf_counter()
+    real = screen_many(stream, problem, real_cfg, cache=cache, workers=args.workers)
+    real_s = time.perf_counter() - t0
+
+    n = len(stream)
+    naive_rate = n / naive_s * 60
+    real_rate = n / real_s * 60
+    same_verdict = sum(a.accepted == b.accepted for a, b in zip(naive, real))
+    same_reason = sum(a.reason == b.reason for a, b in zip(naive, real))
+    cached = sum(r.cached for r in real)
+    full = sum(r.steps_run >= args.steps for r in real if not r.cached)
+    hist_real = collections.Counter(r.reason.split(":")[0] for r in real)
+    hist_naive = collections.Counter(r.reason.split(":")[0] for r in naive)
+    accepted = sum(r.accepted for r in real)
+    load = os.getloadavg()
+    print(f"reasons (real):  {dict(sorted(hist_real.items()))}")
+    print(f"reasons (naive): {dict(sorted(hist_naive.items()))}")
+    print(f"accepted: {accepted}/{n} ({accepted / n:.1%}); real: {cached} reused from the equivalence cache, "
+          f"{full} ran all {args.steps} steps")
+    print(f"agreement naive vs real: verdict {same_verdict}/{n}, reason {same_reason}/{n}")
+    print(f"load average at end: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
+    print(f"naive: {n} candidates in {naive_s:.1f} s = {naive_rate:.1f} candidates/min")
+    print(f"real:  {n} candidates in {real_s:.1f} s = {real_rate:.1f} candidates/min")
+    print(f"ratio: {real_rate / naive_rate:.1f}x")
+
+
+if __name__ == "__main__":
+    main()

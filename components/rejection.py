@@ -1,0 +1,577 @@
+"""Loss-rejection protocol (AutoLoss-Zero §3.2, appendix A).
+
+B probe samples with the predictions of a randomly initialised network are optimised *directly*
+(the predictions, not the network) with SGD (lr 1e-3, momentum 0.9, 500 steps, no weight decay) under
+the candidate loss, with no normalisation along any dimension (the tree output is summed). The
+correlation score is g = mean_b ξ(ŷ*_b) − ξ(ŷ_b) with ξ the target metric per sample; a candidate with
+g < η = 0.6 is rejected. The metric is a function, so the protocol works for any task.
+
+`screen` is the fast implementation and `screen_naive` the plain reference used by
+`bench/screening.py`. Both return the same verdicts; `screen` gets its speed from
+
+* batching: the B samples are stacked as `(B, 1, C, H, W)`; operators act on the last four dims and the
+  samples are independent, so the summed loss gives every sample its own gradient in one pass;
+* constant folding: sub-trees that do not depend on the predictions (e.g. `mul(y, 1)`) are computed
+  once instead of at each of the 500 steps (bit-for-bit the same values);
+* exact early exits that cannot change a verdict: a NaN/Inf loss or gradient ends the run at once
+  (the verdict is "nan_*" whatever happens later); a gradient that is exactly zero at the initial
+  predictions means SGD never moves them (g = 0, "zero_gradient"); a zero gradient later on whose
+  update no longer changes the predictions means they are frozen for good, so the remaining steps
+  are skipped and g is computed from the frozen predictions;
+* the gradient-equivalence cache (`components.equivalence`): the gradient norms at the initial
+  predictions are the first SGD step's gradient anyway, so the fingerprint is free and a candidate
+  whose fingerprint was already screened (under the same problem and config) reuses that outcome;
+* an optional early check (`ScreeningConfig.early_check_step`, off by default): at that step g is
+  measured and the candidate is rejected ("early_reject") if it is below `early_check_min_gain`.
+  This CAN change a verdict: a loss that has not yet improved the metric by that step but would
+  have reached η by the last step is rejected. With the default (None) verdicts equal the paper's.
+* `screen_many(..., workers=n)`: a process pool over candidates (fork), one torch thread each.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, replace
+from typing import TYPE_CHECKING, Callable, Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+from components.errors import LossforgeError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from components.equivalence import EquivalenceCache
+    from components.loss_graph import LossGraph
+
+InputsFn = Callable[[Tensor, Tensor], Mapping[str, Mapping[str, Tensor]]]
+MetricFn = Callable[[Tensor, Tensor], Tensor]
+
+# Reasons a ScreeningResult can carry ("error: <msg>" besides these).
+ACCEPTED = "accepted"
+BELOW_THRESHOLD = "below_threshold"
+NAN_LOSS = "nan_loss"
+NAN_GRADIENT = "nan_gradient"
+ZERO_GRADIENT = "zero_gradient"
+EARLY_REJECT = "early_reject"
+REASONS = (ACCEPTED, BELOW_THRESHOLD, NAN_LOSS, NAN_GRADIENT, ZERO_GRADIENT, EARLY_REJECT, "error")
+
+
+@dataclass(frozen=True, eq=False)
+class ScreeningProblem:
+    """The probe a candidate is screened on.
+
+    init_predictions: `(B, 1, C, H, W)` raw predictions (logits) of a randomly initialised network;
+    targets: `(B, 1, H, W)` (or any task-specific layout understood by `build_inputs` and `metric`);
+    build_inputs(pred, targets) -> {branch: {input name: tensor}} (e.g. softmax → `y_hat`, one-hot → `y`);
+    valid: a mask broadcastable to the tree outputs (ignore label) or None;
+    metric(pred, targets) -> `(B,)` per-sample metric ξ (higher is better);
+    key: identifies task + metric + probe data, so caches never mix problems.
+    """
+
+    init_predictions: Tensor
+    targets: Tensor
+    build_inputs: InputsFn
+    metric: MetricFn
+    key: str
+    valid: Tensor | None = None
+    task: str = "segmentation"
+    metric_name: str = ""
+
+    @property
+    def samples(self) -> int:
+        """Number of probe samples B."""
+        return int(self.init_predictions.shape[0])
+
+
+@dataclass(frozen=True)
+class ScreeningConfig:
+    """Loss-rejection settings (paper defaults: B = 5, 500 SGD steps, lr 1e-3, momentum 0.9, η = 0.6)."""
+
+    samples: int = 5
+    steps: int = 500
+    lr: float = 1e-3
+    momentum: float = 0.9
+    threshold: float = 0.6
+    normalize: bool = False  # the paper does not normalise in the protocol (plain sum of the output)
+    stop_when_frozen: bool = True  # exact: skip steps once a zero gradient leaves predictions unchanged
+    early_check_step: int | None = None  # optional, can change verdicts (see module docstring)
+    early_check_min_gain: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.samples < 1:
+            raise LossforgeError(f"screening: samples must be >= 1, got {self.samples}")
+        if self.steps < 0:
+            raise LossforgeError(f"screening: steps must be >= 0, got {self.steps}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise LossforgeError(f"screening: lr must be a positive number, got {self.lr}")
+        if not 0 <= self.momentum < 1:
+            raise LossforgeError(f"screening: momentum must be in [0, 1), got {self.momentum}")
+        if self.early_check_step is not None and not 0 < self.early_check_step <= self.steps:
+            raise LossforgeError(
+                f"screening: early_check_step must be in (0, steps={self.steps}], got {self.early_check_step}"
+            )
+
+    def digest(self) -> str:
+        """Short hash of the settings that decide a verdict (cached outcomes are tied to it)."""
+        payload = {k: v for k, v in asdict(self).items() if k != "stop_when_frozen"}
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
+
+
+@dataclass(frozen=True)
+class ScreeningResult:
+    """Outcome of screening one candidate.
+
+    score is g (None when it could not be computed); reason is one of REASONS or "error: <msg>";
+    fingerprint is the rounded per-sample gradient norms at the initial predictions (None if non-finite);
+    steps_run counts the SGD steps actually taken; cached is True when the outcome was reused from the
+    gradient-equivalence cache.
+    """
+
+    accepted: bool
+    score: float | None
+    reason: str
+    fingerprint: tuple[float, ...] | None
+    seconds: float
+    steps_run: int = 0
+    cached: bool = False
+
+    def to_dict(self) -> dict:
+        """JSON-able form (used by the equivalence cache and state files)."""
+        d = asdict(self)
+        d["fingerprint"] = list(self.fingerprint) if self.fingerprint is not None else None
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> "ScreeningResult":
+        """Inverse of to_dict."""
+        fp = d.get("fingerprint")
+        return cls(
+            accepted=bool(d["accepted"]),
+            score=None if d.get("score") is None else float(d["score"]),
+            reason=str(d["reason"]),
+            fingerprint=None if fp is None else tuple(float(v) for v in fp),
+            seconds=float(d.get("seconds", 0.0)),
+            steps_run=int(d.get("steps_run", 0)),
+            cached=bool(d.get("cached", False)),
+        )
+
+
+# --------------------------------------------------------------------------------------------------
+# The objective: the candidate's loss on the probe, with constant sub-trees folded.
+
+
+def _first_tensor(inputs: Mapping[str, Tensor]) -> Tensor:
+    for value in inputs.values():
+        if isinstance(value, Tensor):
+            return value
+    raise LossforgeError("screening: build_inputs returned no tensor input")
+
+
+class ProbeObjective:
+    """L(pred) = Σ_branches w · Σ(o · valid) (or Eq. 3 per branch when normalize) on the probe samples.
+
+    Sub-trees whose leaves do not depend on the predictions are evaluated once at construction.
+    """
+
+    def __init__(self, graph: "LossGraph", problem: ScreeningProblem, samples: int, normalize: bool = False):
+        from components.operators import get_operator_set
+
+        if samples > problem.samples:
+            raise LossforgeError(f"screening: config asks for {samples} samples, the probe has {problem.samples}")
+        self.graph = graph
+        self.normalize = normalize
+        self.targets = problem.targets[:samples]
+        self.valid = None if problem.valid is None else problem.valid[:samples]
+        self.build_inputs = problem.build_inputs
+        probe = problem.init_predictions[:samples].detach().clone().requires_grad_(True)
+        with torch.enable_grad():
+            inputs = problem.build_inputs(probe, self.targets)
+        missing = [b for b in graph.branches if b not in inputs]
+        if missing:
+            raise LossforgeError(f"screening: the probe has no inputs for branch(es) {missing} of task {graph.task!r}")
+        self._plans: list[tuple[str, float, object, object]] = []
+        for name, branch in graph.branches.items():
+            ops = get_operator_set(branch.tree.operator_set)
+            branch_inputs = dict(inputs[name])
+            if "1" not in branch_inputs:
+                branch_inputs["1"] = torch.ones_like(_first_tensor(branch_inputs)).detach()
+            dynamic = {k for k, v in branch_inputs.items() if isinstance(v, Tensor) and v.requires_grad}
+            constants = {k: v.detach() for k, v in branch_inputs.items() if k not in dynamic}
+            plan = self._fold(branch.tree.root, ops, dynamic, constants)
+            self._plans.append((name, float(branch.weight), plan, ops))
+
+    # A plan is ("const", tensor) | ("input", name) | ("op", fn, [child plans]).
+    def _fold(self, node, ops, dynamic: set[str], constants: Mapping[str, Tensor]):
+        if node.input is not None:
+            if node.input in dynamic:
+                return ("input", node.input)
+            if node.input not in constants:
+                raise LossforgeError(f"screening: tree input {node.input!r} is not provided by the probe")
+            return ("const", constants[node.input])
+        op = ops[node.op]
+        children = [self._fold(c, ops, dynamic, constants) for c in node.children]
+        if all(c[0] == "const" for c in children):
+            with torch.no_grad():
+                return ("const", op.fn(*[c[1] for c in children]))
+        return ("op", op.fn, children)
+
+    @staticmethod
+    def _run(plan, inputs: Mapping[str, Tensor]) -> Tensor:
+        kind = plan[0]
+        if kind == "const":
+            return plan[1]
+        if kind == "input":
+            return inputs[plan[1]]
+        return plan[1](*[ProbeObjective._run(c, inputs) for c in plan[2]])
+
+    def per_sample(self, pred: Tensor) -> Tensor:
+        """Loss of each probe sample, shape `(B,)` (summed over branches)."""
+        from components.loss_graph import reduce_eq3
+
+        inputs = self.build_inputs(pred, self.targets)
+        total = None
+        for name, weight, plan, _ in self._plans:
+            o = self._run(plan, inputs[name])
+            ref = _first_tensor(inputs[name])
+            if o.shape != ref.shape:
+                o = o.expand_as(ref)
+            if self.normalize:
+                value = reduce_eq3(o, self.valid)
+            else:
+                if self.valid is not None:
+                    o = o * self.valid
+                value = o.sum(dim=tuple(range(1, o.dim())))
+            value = value * weight
+            total = value if total is None else total + value
+        return total
+
+    def is_constant(self) -> bool:
+        """True when no branch depends on the predictions at all (the gradient is identically zero)."""
+        return all(plan[0] == "const" for _, _, plan, _ in self._plans)
+
+
+# --------------------------------------------------------------------------------------------------
+# Helpers shared by the fast and the naive implementation.
+
+
+def round_significant(value: float, digits: int = 2) -> float:
+    """Round to `digits` significant digits (0 stays 0)."""
+    if value == 0 or not math.isfinite(value):
+        return float(value)
+    return float(f"{value:.{digits - 1}e}")
+
+
+def fingerprint_from_grad(grad: Tensor) -> tuple[float, ...] | None:
+    """Per-sample L2 norms of a `(B, ...)` gradient, 2 significant digits; None if any is non-finite."""
+    norms = torch.linalg.vector_norm(grad.detach().flatten(1).double(), dim=1).tolist()
+    if not all(math.isfinite(v) for v in norms):
+        return None
+    return tuple(round_significant(v, 2) for v in norms)
+
+
+def _one_line(exc: BaseException) -> str:
+    msg = " ".join(str(exc).split())
+    if len(msg) > 200:
+        msg = msg[:197] + "..."
+    return f"error: {type(exc).__name__}: {msg}" if msg else f"error: {type(exc).__name__}"
+
+
+def _score(problem: ScreeningProblem, initial: Tensor, final: Tensor, targets: Tensor) -> float:
+    with torch.inference_mode():
+        before = problem.metric(initial, targets).double()
+        after = problem.metric(final, targets).double()
+    return float((after - before).mean())
+
+
+def _verdict(score: float, threshold: float) -> tuple[bool, str]:
+    return (True, ACCEPTED) if score >= threshold else (False, BELOW_THRESHOLD)
+
+
+# --------------------------------------------------------------------------------------------------
+# The fast implementation.
+
+
+def initial_gradient(graph: "LossGraph", problem: ScreeningProblem, samples: int | None = None):
+    """(objective, pred leaf, loss (B,), gradient) at the initial predictions, un-normalised objective."""
+    samples = problem.samples if samples is None else samples
+    objective = ProbeObjective(graph, problem, samples, normalize=False)
+    pred = problem.init_predictions[:samples].detach().clone().requires_grad_(True)
+    with torch.enable_grad():
+        losses = objective.per_sample(pred)
+        grad = _grad(losses, pred)
+    return objective, pred, losses.detach(), grad
+
+
+def _grad(losses: Tensor, pred: Tensor) -> Tensor:
+    """d(Σ losses)/d pred; zeros when the loss does not depend on pred."""
+    if not losses.requires_grad:
+        return torch.zeros_like(pred)
+    grad = torch.autograd.grad(losses.sum(), pred, allow_unused=True)[0]
+    return torch.zeros_like(pred) if grad is None else grad
+
+
+def screen(
+    graph: "LossGraph",
+    problem: ScreeningProblem,
+    config: ScreeningConfig | None = None,
+    cache: "EquivalenceCache | None" = None,
+) -> ScreeningResult:
+    """Screen one candidate with the loss-rejection protocol; never raises for a bad candidate.
+
+    With a cache, a candidate whose gradient fingerprint was already screened under the same config
+    reuses that outcome (`cached=True`), and a new outcome is stored.
+    """
+    config = config or ScreeningConfig()
+    start = time.perf_counter()
+    fingerprint = None
+    try:
+        result = _screen(graph, problem, config, cache, start)
+    except Exception as exc:  # noqa: BLE001 - a bad candidate must never crash the caller
+        result = ScreeningResult(False, None, _one_line(exc), fingerprint, time.perf_counter() - start)
+    return result
+
+
+def _screen(graph, problem, config: ScreeningConfig, cache, start: float) -> ScreeningResult:
+    n = config.samples
+    with torch.no_grad():
+        initial = problem.init_predictions[:n].detach()
+    targets = problem.targets[:n]
+    objective, pred, losses, grad = initial_gradient(graph, problem, n)
+
+    def done(accepted, score, reason, fp, steps):
+        res = ScreeningResult(accepted, score, reason, fp, time.perf_counter() - start, steps)
+        if cache is not None and fp is not None:
+            cache.put_screening(fp, res, config.digest(), graph)
+        return res
+
+    if not bool(torch.isfinite(losses).all()):
+        return done(False, None, NAN_LOSS, None, 0)
+    fingerprint = fingerprint_from_grad(grad)
+    if fingerprint is None or not bool(torch.isfinite(grad).all()):
+        return done(False, None, NAN_GRADIENT, None, 0)
+
+    if cache is not None:
+        hit = cache.get_screening(fingerprint, config.digest())
+        if hit is not None:
+            return replace(hit, seconds=time.perf_counter() - start, cached=True, fingerprint=fingerprint)
+
+    if objective.is_constant() or not bool(grad.any()):
+        # SGD never moves the predictions: g = 0 exactly.
+        if config.threshold <= 0:
+            return done(True, 0.0, ACCEPTED, fingerprint, 0)
+        return done(False, 0.0, ZERO_GRADIENT, fingerprint, 0)
+
+    if config.normalize:  # the first step's gradient differs by the Eq. 3 scaling: recompute it
+        objective = ProbeObjective(graph, problem, n, normalize=True)
+        with torch.enable_grad():
+            grad = _grad(objective.per_sample(pred), pred)
+
+    lr, momentum = config.lr, config.momentum
+    buf: Tensor | None = None
+    steps_run = 0
+    for step in range(config.steps):
+        if step > 0:
+            with torch.enable_grad():
+                losses = objective.per_sample(pred)
+                grad = _grad(losses, pred)
+            if not bool(torch.isfinite(losses).all()):
+                return done(False, None, NAN_LOSS, fingerprint, step)
+            gmax = float(grad.abs().amax())
+            if not math.isfinite(gmax):
+                return done(False, None, NAN_GRADIENT, fingerprint, step)
+        else:
+            gmax = 1.0  # a zero gradient at step 0 was handled above
+        with torch.no_grad():
+            if buf is None:
+                buf = grad.detach().clone()
+            else:
+                buf.mul_(momentum).add_(grad)
+            if gmax == 0.0 and config.stop_when_frozen:
+                # Zero gradient and an update that changes no value: the gradient stays zero and the
+                # momentum only shrinks, so no later update changes a value either. Skip the rest.
+                if torch.equal(torch.add(pred, buf, alpha=-lr), pred):
+                    break
+            pred.add_(buf, alpha=-lr)
+        steps_run = step + 1
+        if config.early_check_step is not None and steps_run == config.early_check_step < config.steps:
+            if not bool(torch.isfinite(pred).all()):
+                return done(False, None, NAN_LOSS, fingerprint, steps_run)
+            g_early = _score(problem, initial, pred.detach(), targets)
+            if g_early < config.early_check_min_gain:
+                return done(False, g_early, EARLY_REJECT, fingerprint, steps_run)
+
+    final = pred.detach()
+    if config.steps > 0:
+        # the loss/gradient at the final predictions is never used by SGD; only finiteness matters
+        if not bool(torch.isfinite(final).all()):
+            return done(False, None, NAN_LOSS, fingerprint, steps_run)
+    score = _score(problem, initial, final, targets)
+    accepted, reason = _verdict(score, config.threshold)
+    return done(accepted, score, reason, fingerprint, steps_run)
+
+
+# --------------------------------------------------------------------------------------------------
+# The naive reference.
+
+
+def screen_naive(graph: "LossGraph", problem: ScreeningProblem, config: ScreeningConfig | None = None) -> ScreeningResult:
+    """Reference protocol: one sample at a time, `graph.total` + torch.optim.SGD, every step, no cache,
+    no folding, no early exit. Gives the same reasons as `screen` (decided after the full run)."""
+    config = config or ScreeningConfig()
+    start = time.perf_counter()
+    try:
+        return _screen_naive(graph, problem, config, start)
+    except Exception as exc:  # noqa: BLE001 - a bad candidate must never crash the caller
+        return ScreeningResult(False, None, _one_line(exc), None, time.perf_counter() - start)
+
+
+def _naive_loss(graph, problem: ScreeningProblem, pred: Tensor, target: Tensor, valid, normalize: bool) -> Tensor:
+    inputs = problem.build_inputs(pred, target)
+    if normalize:
+        return graph.total(inputs, valid).sum()
+    total = 0.0
+    for name, branch in graph.branches.items():
+        o = branch.tree.evaluate(inputs[name])
+        if valid is not None:
+            o = o * valid
+        total = total + branch.weight * o.sum()
+    return total
+
+
+def _screen_naive(graph, problem, config: ScreeningConfig, start: float) -> ScreeningResult:
+    n = config.samples
+    if n > problem.samples:
+        raise LossforgeError(f"screening: config asks for {n} samples, the probe has {problem.samples}")
+    finals, norms, zero_first = [], [], []
+    first_bad: tuple[int, int, str] | None = None  # (step, order, reason): the earliest NaN/Inf event
+    for b in range(n):
+        pred = problem.init_predictions[b : b + 1].detach().clone().requires_grad_(True)
+        target = problem.targets[b : b + 1]
+        valid = None if problem.valid is None else problem.valid[b : b + 1]
+        optimizer = torch.optim.SGD([pred], lr=config.lr, momentum=config.momentum)
+        for step in range(max(config.steps, 1)):
+            optimizer.zero_grad()
+            loss = _naive_loss(graph, problem, pred, target, valid, config.normalize)
+            if torch.is_tensor(loss) and loss.requires_grad:
+                loss.backward()
+            if pred.grad is None:
+                pred.grad = torch.zeros_like(pred)
+            events = []
+            if not math.isfinite(float(loss.detach() if torch.is_tensor(loss) else loss)):
+                events.append((step, 0, NAN_LOSS))
+            if not bool(torch.isfinite(pred.grad).all()):
+                events.append((step, 1, NAN_GRADIENT))
+            if events and (first_bad is None or events[0] < first_bad):
+                first_bad = events[0]
+            if step == 0:
+                g0 = pred.grad.clone()
+                if config.normalize:  # the fingerprint uses the un-normalised objective
+                    raw = _naive_loss(graph, problem, pred, target, valid, False)
+                    g0 = torch.autograd.grad(raw, pred)[0] if torch.is_tensor(raw) and raw.requires_grad else g0 * 0
+                norms.append(float(torch.linalg.vector_norm(g0.double())))
+                zero_first.append(not bool(g0.any()))
+            if config.steps > 0:
+                optimizer.step()
+        finals.append(pred.detach())
+    elapsed = time.perf_counter() - start
+    fingerprint = None if not all(math.isfinite(v) for v in norms) else tuple(round_significant(v) for v in norms)
+    if first_bad is not None:
+        return ScreeningResult(False, None, first_bad[2], None if first_bad[0] == 0 else fingerprint, elapsed, config.steps)
+    if any(not bool(torch.isfinite(f).all()) for f in finals):
+        return ScreeningResult(False, None, NAN_LOSS, fingerprint, elapsed, config.steps)
+    score = _score(problem, problem.init_predictions[:n].detach(), torch.cat(finals), problem.targets[:n])
+    if all(zero_first) and config.threshold > 0:
+        return ScreeningResult(False, score, ZERO_GRADIENT, fingerprint, time.perf_counter() - start, config.steps)
+    accepted, reason = _verdict(score, config.threshold)
+    return ScreeningResult(accepted, score, reason, fingerprint, time.perf_counter() - start, config.steps)
+
+
+# --------------------------------------------------------------------------------------------------
+# Many candidates, optionally over a process pool.
+
+_WORKER_STATE: dict = {}
+
+
+def _worker_init(problem: ScreeningProblem, config: ScreeningConfig) -> None:
+    torch.set_num_threads(1)
+    _WORKER_STATE["problem"] = problem
+    _WORKER_STATE["config"] = config
+
+
+def _worker_screen(graph_json: str) -> dict:
+    from components.loss_json import graph_from_dict
+
+    start = time.perf_counter()
+    try:
+        graph = graph_from_dict(json.loads(graph_json))
+    except (LossforgeError, ValueError, KeyError, TypeError) as exc:
+        return ScreeningResult(False, None, _one_line(exc), None, time.perf_counter() - start).to_dict()
+    return screen(graph, _WORKER_STATE["problem"], _WORKER_STATE["config"]).to_dict()
+
+
+def screen_many(
+    graphs: Sequence["LossGraph"],
+    problem: ScreeningProblem,
+    config: ScreeningConfig | None = None,
+    cache: "EquivalenceCache | None" = None,
+    workers: int = 1,
+) -> list[ScreeningResult]:
+    """Screen candidates in order; with workers > 1 a fork-based process pool screens distinct
+    fingerprints in parallel (graphs travel as JSON). Results equal `screen` one by one."""
+    config = config or ScreeningConfig()
+    if workers <= 1 or len(graphs) < 2:
+        return [screen(g, problem, config, cache) for g in graphs]
+    from components.equivalence import EquivalenceCache, gradient_fingerprint_or_none
+    from components.loss_json import graph_to_dict
+
+    import multiprocessing
+
+    # Resolve gradient-duplicates in the parent first: only the first of each fingerprint is screened.
+    local = cache if cache is not None else EquivalenceCache(None, problem.key)
+    digest = config.digest()
+    fps = [gradient_fingerprint_or_none(g, problem, config.samples) for g in graphs]
+    todo: dict[tuple, int] = {}
+    jobs: list[int] = []
+    for i, fp in enumerate(fps):
+        if fp is None or (local.get_screening(fp, digest) is None and fp not in todo):
+            if fp is not None:
+                todo[fp] = i
+            jobs.append(i)
+    results: list[ScreeningResult | None] = [None] * len(graphs)
+    ctx = multiprocessing.get_context("fork")
+    threads = torch.get_num_threads()
+    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_worker_init,
+                             initargs=(problem, config)) as pool:
+        payloads = [json.dumps(graph_to_dict(graphs[i])) for i in jobs]
+        for i, res in zip(jobs, pool.map(_worker_screen, payloads, chunksize=1)):
+            results[i] = ScreeningResult.from_dict(res)
+    torch.set_num_threads(threads)
+    for i, g in enumerate(graphs):
+        res = results[i]
+        if res is not None:
+            if res.fingerprint is not None:
+                local.put_screening(res.fingerprint, res, digest, g)
+            continue
+        hit = local.get_screening(fps[i], digest)
+        results[i] = replace(hit, cached=True, seconds=0.0, fingerprint=fps[i])
+    return results  # type: ignore[return-value]
+
+
+__all__ = [
+    "ScreeningProblem",
+    "ScreeningConfig",
+    "ScreeningResult",
+    "ProbeObjective",
+    "screen",
+    "screen_naive",
+    "screen_many",
+    "initial_gradient",
+    "fingerprint_from_grad",
+    "round_significant",
+    "REASONS",
+]
+
