@@ -64,6 +64,13 @@ class Candidate:
     screening: Any  # ScreeningResult
 
 
+def _field(result: Any, name: str, default: Any = None) -> Any:
+    """Attribute of a ProxyResult-like object, or key of a mapping."""
+    if isinstance(result, Mapping):
+        return result.get(name, default)
+    return getattr(result, name, default)
+
+
 def _slug(reason: str) -> str:
     slug = re.sub(r"[^0-9a-zA-Z]+", "_", str(reason) or "unknown").strip("_").lower()
     return slug or "unknown"
@@ -200,7 +207,7 @@ class SearchEngine:
 
         self.counters["generated"] += 1
         result = screen(graph, self.problem, self.screening_config, cache=self.cache)
-        if getattr(result, "cached", False):
+        if _field(result, "cached", False):
             self.counters["screening_reused"] += 1
         if not result.accepted:
             name = f"rejected_{_slug(result.reason.split(':', 1)[0])}"
@@ -278,25 +285,25 @@ class SearchEngine:
         cand = self._pending.get(candidate_id)
         if cand is None:
             raise LossforgeError(f"search: candidate {candidate_id!r} is not in flight (unknown or already reported)")
-        status = str(getattr(result, "status", None))
+        status = str(_field(result, "status", None))
         if status not in _STATUS_OF:
             raise LossforgeError(f"search: proxy result status must be one of {sorted(_STATUS_OF)}, got {status!r}")
         del self._pending[candidate_id]
-        target = _finite(getattr(result, "target", None))
+        target = _finite(_field(result, "target", None))
         if status == "ok" and target is None:
             status = "nan"  # an "ok" run without a finite target score counts as NaN-stopped
         score = target if status == "ok" else None
         self.evolution.tell(cand.id, score, status=status)
         self.counters[_COUNTER_OF[status]] += 1
-        metrics = _json_metrics(getattr(result, "metrics", None))
+        metrics = _json_metrics(_field(result, "metrics", None))
         record = self._record(cand.id, cand.graph, cand.parent_id, cand.mutation, cand.screening)
         record.update(
             status=_STATUS_OF[status],
             target=score,
             metrics=metrics,
-            iterations=getattr(result, "iterations", None),
-            seconds=_finite(getattr(result, "seconds", None)),
-            message=str(getattr(result, "message", "") or ""),
+            iterations=_field(result, "iterations", None),
+            seconds=_finite(_field(result, "seconds", None)),
+            message=str(_field(result, "message", "") or ""),
         )
         self.history.append(record)
         fp = cand.screening.fingerprint
