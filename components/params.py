@@ -35,7 +35,7 @@ COMPONENT_SECTIONS: dict[str, tuple[str, str, frozenset[str]]] = {
     "evolution": ("components.evolution", "EvolutionConfig", frozenset()),
     "screening": ("components.rejection", "ScreeningConfig", frozenset({"size"})),
     "proxy": ("components.proxy_training", "ProxyConfig", frozenset()),
-    "retrain": ("components.proxy_training", "ProxyConfig", frozenset({"baselines"})),
+    "retrain": ("components.retrain", "RetrainConfig", frozenset({"baselines", "seeds"})),
     "ppo": ("components.ppo", "PPOConfig", frozenset({"metrics", "pieces", "family"})),
 }
 

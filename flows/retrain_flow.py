@@ -17,7 +17,7 @@ from flows import progress
 
 @task(name="retrain-and-compare", retries=1, retry_delay_seconds=1, cache_policy=NO_CACHE)
 def retrain_task(loss_specs: dict[str, Any], data: dict[str, str], cfg: Any, metric: str, md_path: str,
-                 json_path: str) -> dict[str, Any]:
+                 json_path: str, seeds: list[int] | None = None) -> dict[str, Any]:
     """Train one model per loss (same data, same initial weights) and write the comparison table."""
     from components.loss_registry import build_loss
     from components.retrain import retrain_and_compare, write_table
@@ -26,7 +26,8 @@ def retrain_task(loss_specs: dict[str, Any], data: dict[str, str], cfg: Any, met
     train_ds = open_split(data["path"], [data["train"], data["eval"]])
     test_ds = open_split(data["path"], data["test"])
     losses = {name: build_loss(spec, num_classes=train_ds.num_classes) for name, spec in loss_specs.items()}
-    table = retrain_and_compare(losses, train_ds, test_ds, cfg, metric)
+    table = retrain_and_compare(losses, train_ds, test_ds, cfg, metric, seeds=seeds,
+                                on_progress=lambda it, total, *_: progress.emit("retrain", done=it, total=total))
     write_table(table, Path(md_path), Path(json_path))
     return read_json(json_path)
 
@@ -48,7 +49,9 @@ def retrain_flow(params: Params, data: dict[str, str]) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     md_path, json_path = out / "comparison.md", out / "comparison.json"
     progress.emit("retrain", losses=list(specs))
-    table = retrain_task(specs, data, params.config("retrain"), params.search.metric, str(md_path), str(json_path))
+    seeds = params.section_extra("retrain", "seeds")
+    table = retrain_task(specs, data, params.config("retrain"), params.search.metric, str(md_path), str(json_path),
+                         seeds=None if seeds is None else [int(s) for s in seeds])
     logger.info("re-training done: %s", md_path)
     tracker = make_tracker(params)
     if tracker is not None:

@@ -282,6 +282,7 @@ def search_loop_flow(params: Params, data: dict[str, str]) -> dict[str, Any]:
             artifact_path="search",
         )
         tracker.log_search_state(method.counters, len(method.history), summary.get("top5_mean"))
+        tracker.finish()
     return summary
 
 

@@ -21,6 +21,8 @@ def configure_prefect(verbose: bool = False) -> None:
     if not os.environ.get("PREFECT_API_URL") and not os.environ.get("PREFECT_HOME"):
         os.environ["PREFECT_HOME"] = str(Path(".prefect").resolve())
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # the embedded API server starts in a subprocess; on a busy machine it needs more than the default 20 s
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
     os.environ.setdefault("DO_NOT_TRACK", "1")
     os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
     if not verbose:
@@ -56,6 +58,10 @@ def progress_display(enabled: bool = True) -> Iterator[None]:
             if "search" not in tasks:
                 tasks["search"] = bars.add_task("  proxy evaluations", total=data["total"], info=info)
             bars.update(tasks["search"], completed=data["done"], info=info)
+        elif kind == "retrain" and "total" in data:
+            if "retrain" not in tasks:
+                tasks["retrain"] = bars.add_task("  re-training iterations", total=data["total"], info="")
+            bars.update(tasks["retrain"], completed=data["done"])
 
     with bars, events.listen(on_event):
         yield
