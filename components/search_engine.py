@@ -10,14 +10,15 @@
         engine.save("state.json")               # a killed search resumes from here
 
 Decisions (tested in tests/test_search_engine.py):
-- Screening and equivalence: the gradient fingerprint of each generated graph is computed first; a
-  fingerprint already in the cache reuses the stored screening verdict (no 500-step protocol), and,
-  if the earlier candidate already has a proxy result ("ok" or "nan"), that result too. Such a
-  gradient-duplicate is added to the population with the reused score, recorded in `history` with
-  status "duplicate-reused" and counted in `counters["duplicates"]`; it does NOT consume the proxy
-  budget (the paper skips its re-evaluation). Failed proxy runs ("failed": an exception, maybe
-  transient) are not cached, so an equivalent loss is trained again. A fingerprint that matches a
-  candidate still in flight is not a duplicate yet: it is handed out for training too.
+- Screening and equivalence: every generated graph goes through `rejection.screen(..., cache=...)`,
+  which computes the gradient fingerprint first and reuses a cached verdict for a known fingerprint
+  (counted in `screening_reused`). An accepted child whose fingerprint already has a proxy result
+  ("ok" or "nan", under the same `proxy_key`) is a gradient-duplicate: it joins the population with
+  the reused score, is recorded in `history` with status "duplicate-reused" (and `reused_from`) and
+  counted in `counters["duplicates"]`; it does NOT consume the proxy budget (the paper skips its
+  re-evaluation). Failed proxy runs ("failed": an exception, maybe transient) are not cached, so an
+  equivalent loss is trained again. A fingerprint matching a candidate still in flight is not a
+  duplicate yet: it is handed out for training too.
 - The budget counts proxy results reported (evaluated + nan_stopped + failed). `next_candidate()`
   returns None once reported + in-flight reaches the budget; `done` is True once reported ≥ budget.
 - Generation/mutation is repeated for the same parent until a child passes the protocol; after
@@ -28,6 +29,12 @@ Decisions (tested in tests/test_search_engine.py):
   rng state, id counter, history, counters, progress curve, configs, problem key and the cache (inline,
   or the path of its own file which is saved alongside). In-flight candidates at save time are handed
   out again by `next_candidate()` after a restore, with the same id, before anything new is generated.
+  All randomness is the one `random.Random(seed)` shared by generator and evolution (screening and
+  the probe are deterministic; no torch generator is involved), so with one worker a resumed run
+  reproduces an uninterrupted one exactly.
+- `history` holds one JSON record per candidate with a result (trained or reused): id, hash,
+  canonical, formula, graph (loss_json), parent_id, mutation, screening_score (g), fingerprint,
+  status (evaluated | nan-stopped | failed | duplicate-reused), target, metrics, iterations, seconds.
 """
 
 from __future__ import annotations
@@ -36,7 +43,6 @@ import dataclasses
 import math
 import random
 import re
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
