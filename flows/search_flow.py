@@ -24,9 +24,10 @@ from prefect.futures import as_completed
 
 from components.atomic_io import read_json, write_json_atomic
 from components.errors import LossforgeError
-from components.params import Params, load_params
+from components.params import Params
 from flows import progress
 from flows.methods import SearchMethod, make_method
+from flows.run_config import data_spec, losses_dir, reports_dir, resolve_params, state_dir  # noqa: F401
 from flows.task_runners import make_task_runner
 from flows.tasks import open_split, prepare_data, proxy_training, read_result, split_dataset
 from flows.timing import Timeline
@@ -39,48 +40,6 @@ STATE_META = "search.json"
 
 
 # ------------------------------------------------------------------------------------------ parameters
-def resolve_params(
-    params_file: str | Path = "params.yaml",
-    profile: str | None = None,
-    metric: str | None = None,
-    method: str | None = None,
-    budget: int | None = None,
-    workers: int | None = None,
-    runner: str | None = None,
-    dataset: str | None = None,
-    tracking_uri: str | None = None,
-) -> Params:
-    """Load params.yaml with its profile, then apply the explicit overrides (validated again)."""
-    params = load_params(params_file, profile=profile)
-    overrides: dict[str, Any] = {
-        "search.metric": metric,
-        "search.method": method,
-        "search.budget": budget,
-        "search.workers": workers,
-        "search.runner": runner,
-        "tracking.uri": tracking_uri,
-    }
-    if dataset is not None:
-        overrides["data.path"] = dataset
-        overrides["data.generate"] = False
-    return params.with_overrides(overrides)
-
-
-def state_dir(params: Params) -> Path:
-    """Folder of the resumable state of this search (checkpoint, finished proxy results, loss files)."""
-    return Path(params.search.state_dir) / params.search_id
-
-
-def losses_dir(params: Params) -> Path:
-    """losses/<task>-<metric>/ (a DVC out)."""
-    return Path(params.search.out_dir) / params.search_name
-
-
-def reports_dir(params: Params) -> Path:
-    """reports/<task>-<metric>/ (DVC outs)."""
-    return Path(params.report.dir) / params.search_name
-
-
 def make_tracker(params: Params) -> SearchTracker | None:
     """The MLflow tracker of this search (None when tracking is disabled)."""
     if not params.tracking.enabled:
@@ -143,20 +102,6 @@ def split_flow(params: Params) -> dict[str, str]:
         raise LossforgeError(f"data.path: dataset not found: {params.data.path} (run the prepare stage first)")
     manifests = split_dataset(params.data.path, params.split.model_dump())
     return {"path": params.data.path, **manifests}
-
-
-def data_spec(params: Params) -> dict[str, str]:
-    """The dataset path and split manifests a previous `prepare_flow` wrote (checked to exist)."""
-    folder = Path(params.split.dir)
-    spec = {"path": params.data.path}
-    for name in ("train", "eval", "test"):
-        path = folder / f"{name}.txt"
-        if not path.exists():
-            raise LossforgeError(f"{path}: split manifest not found (run `lossforge search` or `dvc repro split` first)")
-        spec[name] = str(path)
-    if not Path(params.data.path).exists():
-        raise LossforgeError(f"data.path: dataset not found: {params.data.path}")
-    return spec
 
 
 # ------------------------------------------------------------------------------------------ search loop

@@ -43,11 +43,11 @@ def merge(base: dict, over: dict) -> dict:
     return out
 
 
-def write_tiny_params(folder: Path, **sections: Any) -> Path:
-    """params.yaml = the shipped file, profile `tiny` (the demo profile + TINY + `sections`) selected."""
+def write_tiny_params(folder: Path, profile: str = "tiny", **sections: Any) -> Path:
+    """params.yaml = the shipped file with profile `profile` = the demo profile + TINY + `sections`, selected."""
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
-    raw["profiles"]["tiny"] = merge(merge(raw["profiles"]["demo"], TINY), sections)
-    raw["profile"] = "tiny"
+    raw["profiles"][profile] = merge(merge(raw["profiles"]["demo"], TINY), sections)
+    raw["profile"] = profile
     path = folder / "params.yaml"
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
     return path

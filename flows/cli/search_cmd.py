@@ -33,21 +33,11 @@ def prepare_run(params_file: str, profile: Optional[str], stages: tuple[str, ...
             raise LossforgeError(f"--{name}: must be > 0 (got {overrides[name]})")
     if overrides.get("dataset") is not None and not Path(overrides["dataset"]).exists():
         raise LossforgeError(f"--dataset: dataset not found: {overrides['dataset']}")
-    configure_prefect(verbose)
-    from flows.search_flow import data_spec, resolve_params
-    from flows.task_runners import make_task_runner
+    from flows.run_config import check_inputs, resolve_params
 
     params = resolve_params(params_file, profile, **overrides)
-    if "prepare" in stages:
-        if not params.data.generate and not Path(params.data.path).exists():
-            raise LossforgeError(f"data.path: dataset not found: {params.data.path}")
-    elif "split" in stages:
-        if not Path(params.data.path).exists():
-            raise LossforgeError(f"data.path: dataset not found: {params.data.path}")
-    else:
-        data_spec(params)
-    if "search" in stages:
-        make_task_runner(params.search.runner, params.search.workers)
+    check_inputs(params, stages)
+    configure_prefect(verbose)
     return params
 
 

@@ -1,0 +1,82 @@
+"""Resolving a run's parameters and paths, without importing Prefect (so the CLI can reject bad input
+before anything is started or written)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from components.errors import LossforgeError
+from components.params import Params, load_params
+
+
+def resolve_params(
+    params_file: str | Path = "params.yaml",
+    profile: str | None = None,
+    metric: str | None = None,
+    method: str | None = None,
+    budget: int | None = None,
+    workers: int | None = None,
+    runner: str | None = None,
+    dataset: str | None = None,
+    tracking_uri: str | None = None,
+) -> Params:
+    """Load params.yaml with its profile, then apply the explicit overrides (validated again)."""
+    params = load_params(params_file, profile=profile)
+    overrides: dict[str, Any] = {
+        "search.metric": metric,
+        "search.method": method,
+        "search.budget": budget,
+        "search.workers": workers,
+        "search.runner": runner,
+        "tracking.uri": tracking_uri,
+    }
+    if dataset is not None:
+        overrides["data.path"] = dataset
+        overrides["data.generate"] = False
+    return params.with_overrides(overrides)
+
+
+def state_dir(params: Params) -> Path:
+    """Folder of the resumable state of this search (checkpoint, finished proxy results, loss files)."""
+    return Path(params.search.state_dir) / params.search_id
+
+
+def losses_dir(params: Params) -> Path:
+    """losses/<task>-<metric>/ (a DVC out)."""
+    return Path(params.search.out_dir) / params.search_name
+
+
+def reports_dir(params: Params) -> Path:
+    """reports/<task>-<metric>/ (DVC outs)."""
+    return Path(params.report.dir) / params.search_name
+
+
+def data_spec(params: Params) -> dict[str, str]:
+    """The dataset path and split manifests written by the prepare/split stages (checked to exist)."""
+    folder = Path(params.split.dir)
+    spec = {"path": params.data.path}
+    for name in ("train", "eval", "test"):
+        path = folder / f"{name}.txt"
+        if not path.exists():
+            raise LossforgeError(f"{path}: split manifest not found (run `lossforge search` or `dvc repro split` first)")
+        spec[name] = str(path)
+    if not Path(params.data.path).exists():
+        raise LossforgeError(f"data.path: dataset not found: {params.data.path}")
+    return spec
+
+
+def check_inputs(params: Params, stages: tuple[str, ...]) -> None:
+    """Fail with a one-line error if the inputs of the first requested stage are missing."""
+    if "prepare" in stages:
+        if not params.data.generate and not Path(params.data.path).exists():
+            raise LossforgeError(f"data.path: dataset not found: {params.data.path}")
+    elif "split" in stages:
+        if not Path(params.data.path).exists():
+            raise LossforgeError(f"data.path: dataset not found: {params.data.path} (run the prepare stage first)")
+    elif any(s in stages for s in ("search", "retrain")):
+        data_spec(params)
+    if "search" not in stages and any(s in stages for s in ("retrain", "report")):
+        summary = losses_dir(params) / "search.json"
+        if not summary.exists():
+            raise LossforgeError(f"{summary}: no search result yet (run `lossforge search` first)")
