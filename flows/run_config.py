@@ -3,6 +3,7 @@ before anything is started or written)."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +22,12 @@ def resolve_params(
     dataset: str | None = None,
     tracking_uri: str | None = None,
 ) -> Params:
-    """Load params.yaml with its profile, then apply the explicit overrides (validated again)."""
+    """Load params.yaml with its profile, then apply the explicit overrides (validated again).
+
+    `LOSSFORGE_TRACKING_URI` in the environment (e.g. set by docker-compose) overrides `tracking.uri`.
+    """
     params = load_params(params_file, profile=profile)
+    tracking_uri = tracking_uri or os.environ.get("LOSSFORGE_TRACKING_URI") or None
     overrides: dict[str, Any] = {
         "search.metric": metric,
         "search.method": method,
