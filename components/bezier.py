@@ -13,9 +13,10 @@ Before the mapping each θ is squeezed into [MARGIN, 1 − MARGIN] so every segm
 u axis: g stays a continuous function (no vertical jumps, exact endpoints) even for θ on the faces of the cube.
 Any θ with θ_u = θ_v for every point gives g(y) = y; ``identity_theta`` returns the evenly spaced one.
 
-Evaluation is vectorised torch (bucketize + gather + closed-form inverse of the quadratic in u); it is called
-on every pixel of every training step. The kernels ``bezier_kernel`` / ``linear_kernel`` only use torch so
-``metric_surrogates.export_surrogate_module_source`` copies their source into standalone modules.
+Evaluation is vectorised torch (0/1 piece masks + closed-form inverse of the quadratic in u, analytic
+derivative in a custom autograd Function); it is called on every pixel of every training step. The kernels
+(``KERNEL_SOURCE_OBJECTS``) only use torch, so ``metric_surrogates.export_surrogate_module_source`` copies
+their source into standalone modules.
 """
 
 from __future__ import annotations
@@ -112,46 +113,105 @@ def curve_tables(theta: Sequence[float], family: str = "bezier", pieces: int = 2
     return knots, rows
 
 
-def bezier_kernel(y: torch.Tensor, knots: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
-    """Evaluate a piecewise quadratic Bézier g at every element of y (any shape), see curve_tables()."""
+def piece_masks(y: torch.Tensor, knots: list[float]) -> list[torch.Tensor]:
+    """0/1 maps [y >= knot] (in y's dtype), one per interior knot."""
+    return [(y >= knot).to(y.dtype) for knot in knots]
+
+
+def piece_value(masks: list[torch.Tensor], column: list[float]) -> torch.Tensor | float:
+    """Per-element value of a per-piece constant: column[k] where knot_{k-1} <= y < knot_k.
+
+    Exact at y = 0 (column[0]); a float for a single piece. Arithmetic on 0/1 masks (much faster on CPU
+    than bucketize + gathers)."""
+    out: torch.Tensor | float = column[0]
+    for k, mask in enumerate(masks):
+        step = mask * (column[k + 1] - column[k])
+        out = step.add_(out) if isinstance(out, float) else out.add_(step)
+    return out
+
+
+def bezier_value_and_slope(y: torch.Tensor, knots: list[float], rows: list[list[float]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """g(y) and dg/dy of a piecewise quadratic Bézier (rows [u0, u2, a, v0, v1, v2] per piece, see curve_tables)."""
     y = y.clamp(0.0, 1.0)
-    idx = torch.bucketize(y.detach().contiguous(), knots, right=True)
-    u0, u2, a = table[:, 0][idx], table[:, 1][idx], table[:, 2][idx]
-    v0, v1, v2 = table[:, 3][idx], table[:, 4][idx], table[:, 5][idx]
-    x = ((y - u0) / (u2 - u0).clamp_min(1e-30)).clamp(0.0, 1.0)
-    x = torch.where(y >= u2, torch.ones_like(x), x)
+    m = piece_masks(y, knots)
+    u0 = piece_value(m, [r[0] for r in rows])
+    inv_w = piece_value(m, [1.0 / (r[1] - r[0]) for r in rows])
+    a = piece_value(m, [r[2] for r in rows])
+    e0 = piece_value(m, [r[3] for r in rows])
+    e1 = piece_value(m, [2.0 * (r[4] - r[3]) for r in rows])
+    e2 = piece_value(m, [r[3] - 2.0 * r[4] + r[5] for r in rows])
+    x = (y - u0).mul_(inv_w).clamp_(0.0, 1.0)
     # u(s) = 2as + (1 − 2a)s² = x  →  s = x / (a + sqrt(a² + (1 − 2a)x)); a² + (1 − 2a)x is written as
-    # (a − x)² + x(1 − x) (no cancellation, ≥ min(a, 1 − a)² > 0), and s = 1 exactly at the piece end.
-    s = x / (a + torch.sqrt(((a - x) ** 2 + x * (1.0 - x)).clamp_min(1e-30)))
-    s = torch.where(x >= 1.0, torch.ones_like(s), s)
-    t = 1.0 - s
-    return t * t * v0 + 2.0 * s * t * v1 + s * s * v2
+    # (a − x)² + x(1 − x): no cancellation, and ≥ min(a, 1 − a)² > 0
+    d = (x - a).square_()
+    q = (1.0 - x).mul_(x).add_(d).sqrt_().add_(a)
+    s = x.div_(q)
+    g = (s * e2).add_(e1).mul_(s).add_(e0)
+    # dg/dy = (dv/ds) / (du/ds · width) = (e1 + 2 e2 s) / (2 (a + (1 − 2a) s) · width)
+    slope = (s * e2).mul_(2.0).add_(e1).mul_(inv_w)
+    den = (s * (1.0 - 2.0 * a)).add_(a).mul_(2.0)
+    slope.div_(den)
+    g.masked_fill_(y >= 1.0, 1.0)  # g(1) = 1 exactly, whatever the rounding of s
+    return g, slope
 
 
-def linear_kernel(y: torch.Tensor, knots: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
-    """Evaluate a piecewise linear g at every element of y (any shape), see curve_tables()."""
+def linear_value_and_slope(y: torch.Tensor, knots: list[float], rows: list[list[float]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """g(y) and dg/dy of a piecewise linear curve (rows [u0, u1, v0, v1] per piece, see curve_tables)."""
     y = y.clamp(0.0, 1.0)
-    idx = torch.bucketize(y.detach().contiguous(), knots, right=True)
-    u0, u2, v0, v1 = table[:, 0][idx], table[:, 1][idx], table[:, 2][idx], table[:, 3][idx]
-    x = ((y - u0) / (u2 - u0).clamp_min(1e-30)).clamp(0.0, 1.0)
-    x = torch.where(y >= u2, torch.ones_like(x), x)
-    return v0 * (1.0 - x) + v1 * x
+    m = piece_masks(y, knots)
+    u0 = piece_value(m, [r[0] for r in rows])
+    inv_w = piece_value(m, [1.0 / (r[1] - r[0]) for r in rows])
+    v0 = piece_value(m, [r[2] for r in rows])
+    slope = piece_value(m, [(r[3] - r[2]) / (r[1] - r[0]) for r in rows])
+    x = (y - u0).mul_(inv_w).clamp_(0.0, 1.0)
+    rise = piece_value(m, [r[3] - r[2] for r in rows])
+    g = x.mul_(rise).add_(v0)
+    g.masked_fill_(y >= 1.0, 1.0)
+    if isinstance(slope, float):
+        slope = torch.full_like(y, slope)
+    return g, slope
+
+
+class CurveFunction(torch.autograd.Function):
+    """g(y) with its analytic derivative saved for backward (one tensor instead of a graph of ~30 ops)."""
+
+    @staticmethod
+    def forward(ctx, y, knots, rows, is_bezier):
+        g, slope = (bezier_value_and_slope if is_bezier else linear_value_and_slope)(y, knots, rows)
+        ctx.save_for_backward(slope)
+        return g
+
+    @staticmethod
+    def backward(ctx, grad):
+        (slope,) = ctx.saved_tensors
+        return grad * slope, None, None, None
+
+
+def bezier_kernel(y: torch.Tensor, knots: list[float], rows: list[list[float]]) -> torch.Tensor:
+    """Evaluate a piecewise quadratic Bézier g at every element of y (any shape), differentiable in y."""
+    return CurveFunction.apply(y, knots, rows, True)
+
+
+def linear_kernel(y: torch.Tensor, knots: list[float], rows: list[list[float]]) -> torch.Tensor:
+    """Evaluate a piecewise linear g at every element of y (any shape), differentiable in y."""
+    return CurveFunction.apply(y, knots, rows, False)
 
 
 KERNELS = {"bezier": bezier_kernel, "linear": linear_kernel}
+# everything the kernels need, in order: copied verbatim into exported standalone modules
+KERNEL_SOURCE_OBJECTS = (piece_masks, piece_value, bezier_value_and_slope, linear_value_and_slope, CurveFunction,
+                         bezier_kernel, linear_kernel)
 
 
 class PiecewiseCurve(nn.Module):
-    """g(y; θ) as an nn.Module (no trainable parameters; the tables are buffers that follow .to(device))."""
+    """g(y; θ) as an nn.Module (no trainable parameters; the per-piece constants are Python floats, so the
+    module works on any device and dtype)."""
 
     def __init__(self, theta: Sequence[float], family: str = "bezier", pieces: int = 2):
         super().__init__()
         self.family, self.pieces = family, pieces
         self.theta = validate_theta(theta, family, pieces)
-        knots, rows = curve_tables(self.theta, family, pieces)
-        # float64 tables, cast to the input's dtype/device at every call (exact for float64 inputs)
-        self.register_buffer("knots", torch.tensor(knots, dtype=torch.float64), persistent=False)
-        self.register_buffer("table", torch.tensor(rows, dtype=torch.float64), persistent=False)
+        self.knots, self.rows = curve_tables(self.theta, family, pieces)
 
     @property
     def control_points(self) -> list[tuple[float, float]]:
@@ -159,7 +219,7 @@ class PiecewiseCurve(nn.Module):
         return control_points(self.theta, self.family, self.pieces)
 
     def forward(self, y: torch.Tensor) -> torch.Tensor:
-        return KERNELS[self.family](y, self.knots.to(y), self.table.to(y))
+        return KERNELS[self.family](y, self.knots, self.rows)
 
 
 def sample_curve(theta: Sequence[float], family: str = "bezier", pieces: int = 2, points: int = 101) -> tuple[list[float], list[float]]:

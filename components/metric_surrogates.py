@@ -208,18 +208,36 @@ def load_surrogate(path) -> SurrogateSpec:
 # ----------------------------------------------------------------------------- torch-only maths (exported verbatim)
 
 
+def max_filter(x: torch.Tensor, radius: int, dim: int) -> torch.Tensor:
+    """Sliding maximum over a window of 2·radius + 1 along `dim` (stride 1, padding never counted).
+
+    Built from log2(window) element-wise maxima of shifted views (on CPU much faster than max_pool2d)."""
+    if radius <= 0:
+        return x
+    n, w = x.shape[dim], 2 * radius + 1
+    pad = [0, 0] * (x.dim() - 1 - dim % x.dim()) + [radius, radius]
+    m, span = F.pad(x, pad, value=float("-inf")), 1
+    while span * 2 <= w:
+        m = torch.maximum(m.narrow(dim, 0, m.shape[dim] - span), m.narrow(dim, span, m.shape[dim] - span))
+        span *= 2
+    return torch.maximum(m.narrow(dim, 0, n), m.narrow(dim, w - span, n))
+
+
 def erode(x: torch.Tensor, width: int) -> torch.Tensor:
     """(2w+1)² min-pool of (N,C,H,W) maps, stride 1; the padding is never counted."""
-    return -F.max_pool2d(-x, 2 * width + 1, stride=1, padding=width)
+    return -max_filter(max_filter(-x, width, -1), width, -2)
 
 
 def dilate_soft(x: torch.Tensor, radius: int) -> torch.Tensor:
-    """(2r+1)² max-pool of (N,C,H,W) maps (separable), stride 1; the padding is never counted."""
-    if radius <= 0:
-        return x
-    k = 2 * radius + 1
-    x = F.max_pool2d(x, (k, 1), stride=1, padding=(radius, 0))
-    return F.max_pool2d(x, (1, k), stride=1, padding=(0, radius))
+    """(2r+1)² max-pool of (N,C,H,W) maps, stride 1; the padding is never counted."""
+    return max_filter(max_filter(x, radius, -1), radius, -2)
+
+
+def one_hot_maps(labels: torch.Tensor, num_classes: int, valid: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(N,H,W) labels in [0, C) -> (N,C,H,W) one-hot maps in `dtype`, zero where valid (N,1,H,W) is 0."""
+    shape = (labels.shape[0], num_classes) + tuple(labels.shape[1:])
+    out = torch.zeros(shape, dtype=dtype, device=labels.device).scatter_(1, labels.unsqueeze(1), 1.0)
+    return out.mul_(valid)
 
 
 def class_mean(values: torch.Tensor, selected: torch.Tensor) -> torch.Tensor:
@@ -239,18 +257,18 @@ def surrogate_scores(probs: torch.Tensor, target: torch.Tensor, curves, metrics,
     "<metric>.<op>" to a callable g applied element-wise.
     """
     n_cls = probs.shape[1]
-    valid = (target != ignore_index).unsqueeze(1).to(probs.dtype)
-    labels = torch.where(target == ignore_index, torch.zeros_like(target), target)
-    y = F.one_hot(labels, n_cls).permute(0, 3, 1, 2).to(probs.dtype) * valid
+    with torch.no_grad():  # everything derived from the target or the argmax is a constant
+        invalid = target == ignore_index
+        valid = (~invalid).unsqueeze(1).to(probs.dtype)
+        y = one_hot_maps(target.masked_fill(invalid, 0), n_cls, valid, probs.dtype)
+        # one-hot argmax prediction (only used to pick the classes the exact metric averages over)
+        hard = (probs >= probs.amax(1, keepdim=True)).to(probs.dtype).mul_(valid)
+        gt = y.sum((0, 2, 3))
+        y_edge = y - erode(y, boundary_width) if ("BIoU" in metrics or "BF1" in metrics) else None
     x = probs * valid
-    hard = F.one_hot(probs.detach().argmax(1), n_cls).permute(0, 3, 1, 2).to(probs.dtype) * valid
     dims = (0, 2, 3)
-    gt = y.sum(dims)
     out = {}
-    y_edge = None
     for name in metrics:
-        if name in ("BIoU", "BF1") and y_edge is None:
-            y_edge = y - erode(y, boundary_width)
         if name in ("gAcc", "mAcc"):
             inter = (curves[name + ".and"](x) * y).sum(dims)
             if name == "gAcc":
@@ -259,32 +277,35 @@ def surrogate_scores(probs: torch.Tensor, target: torch.Tensor, curves, metrics,
             else:
                 out[name] = class_mean(inter / (gt + eps), gt > 0)
         elif name in ("mIoU", "FWIoU", "BIoU"):
-            region = torch.ones_like(valid)
+            gx_and, gx_or, y_in, hard_in = curves[name + ".and"](x), curves[name + ".or"](x), y, hard
             if name == "BIoU":
-                src = y_edge[:, 1:] if (drop_background and n_cls > 1) else y_edge
-                region = src.amax(1, keepdim=True)
-                if boundary == "avgpool":
-                    region = dilate_soft(region, tolerance)
-            gx_and = curves[name + ".and"](x)
-            gx_or = curves[name + ".or"](x)
-            inter = (gx_and * y * region).sum(dims)
-            union = ((gx_or + y - gx_or * y) * region).sum(dims)
+                with torch.no_grad():
+                    src = y_edge[:, 1:] if (drop_background and n_cls > 1) else y_edge
+                    region = src.amax(1, keepdim=True)
+                    if boundary == "avgpool":
+                        region = dilate_soft(region, tolerance)
+                    y_in, hard_in = y * region, hard * region
+                gx_and, gx_or = gx_and * region, gx_or * region
+            inter = (gx_and * y_in).sum(dims)
+            gt_in = y_in.sum(dims)
+            union = gx_or.sum(dims) + gt_in - (gx_or * y_in).sum(dims)  # Σ OR(x, y) = Σ g + Σ y − Σ g·y
             iou = inter / (union + eps)
             if name == "FWIoU":
                 total = gt.sum()
                 fw = (gt / total.clamp_min(eps) * iou).sum()
                 out[name] = torch.where(total > 0, fw, torch.ones_like(fw))
             else:
-                present = ((y * region).sum(dims) > 0) | ((hard * region).sum(dims) > 0)
-                out[name] = class_mean(iou, present)
+                out[name] = class_mean(iou, (gt_in > 0) | (hard_in.sum(dims) > 0))
         elif name == "BF1":
             ex = erode(x, boundary_width)
             g_or, g_and = curves["BF1.xor_or"], curves["BF1.xor_and"]
             ox, oe = g_or(x), g_or(ex)
             x_edge = (ox + oe - ox * oe - g_and(x) * g_and(ex)).clamp_min(0.0)
-            hard_edge = hard - erode(hard, boundary_width)
-            prec = (curves["BF1.prec_and"](x_edge) * dilate_soft(y_edge, tolerance)).sum(dims) / (x_edge.sum(dims) + eps)
-            n_gt = y_edge.sum(dims)
+            with torch.no_grad():
+                hard_edge = hard - erode(hard, boundary_width)
+                y_edge_dilated = dilate_soft(y_edge, tolerance)
+                n_gt = y_edge.sum(dims)
+            prec = (curves["BF1.prec_and"](x_edge) * y_edge_dilated).sum(dims) / (x_edge.sum(dims) + eps)
             rec = (curves["BF1.recall_and"](dilate_soft(x_edge, tolerance)) * y_edge).sum(dims) / (n_gt + eps)
             f1 = 2.0 * prec * rec / (prec + rec + eps)
             has_edges = (n_gt > 0) | (hard_edge.sum(dims) > 0)
@@ -294,6 +315,10 @@ def surrogate_scores(probs: torch.Tensor, target: torch.Tensor, curves, metrics,
         else:
             raise ValueError(f"unknown metric {name!r}")
     return out
+
+
+# the torch-only maths above, copied verbatim by export_surrogate_module_source
+SOURCE_OBJECTS = (max_filter, erode, dilate_soft, one_hot_maps, class_mean, surrogate_scores)
 
 
 # ----------------------------------------------------------------------------- nn.Module
@@ -372,24 +397,16 @@ THETA = {theta!r}
 CURVE_TABLES = {tables!r}
 
 
-{kernel}
+{maths}
 
-{erode}
-
-{dilate}
-
-{class_mean}
-
-{scores}
 
 class _Curve(nn.Module):
     def __init__(self, knots, rows):
         super().__init__()
-        self.register_buffer("knots", torch.tensor(knots, dtype=torch.float64), persistent=False)
-        self.register_buffer("table", torch.tensor(rows, dtype=torch.float64), persistent=False)
+        self.knots, self.rows = knots, rows
 
     def forward(self, y):
-        return {kernel_name}(y, self.knots.to(y), self.table.to(y))
+        return {kernel_name}(y, self.knots, self.rows)
 
 
 class {class_name}(nn.Module):
@@ -419,9 +436,8 @@ def export_surrogate_module_source(spec: SurrogateSpec, class_name: str = "Searc
         eps=EPS, metrics=dict(spec.metrics), family=spec.family, pieces=spec.pieces, boundary=spec.boundary,
         boundary_width=spec.boundary_width, tolerance=spec.tolerance, drop_background=bool(spec.drop_background),
         ignore_index=spec.ignore_index, theta=dict(spec.theta), tables=tables,
-        kernel=inspect.getsource(kernel), kernel_name=kernel.__name__, erode=inspect.getsource(erode),
-        dilate=inspect.getsource(dilate_soft), class_mean=inspect.getsource(class_mean),
-        scores=inspect.getsource(surrogate_scores), class_name=class_name, metrics_names=" + ".join(spec.metrics),
+        maths="\n\n".join(inspect.getsource(obj) for obj in bezier.KERNEL_SOURCE_OBJECTS + SOURCE_OBJECTS),
+        kernel_name=kernel.__name__, class_name=class_name, metrics_names=" + ".join(spec.metrics),
     )
 
 
