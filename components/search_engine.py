@@ -427,7 +427,13 @@ class SearchEngine:
             cache_state = state["cache"]
             if cache is None:
                 if cache_state.get("path"):
-                    cache = EquivalenceCache(Path(cache_state["path"]), problem.key)
+                    cache_file = Path(cache_state["path"])
+                    if not cache_file.exists():
+                        raise LossforgeError(
+                            f"the search state refers to the equivalence cache {cache_file}, which is missing "
+                            "(restore it, or pass cache=EquivalenceCache(...) explicitly)"
+                        )
+                    cache = EquivalenceCache(cache_file, problem.key)
                 else:
                     cache = EquivalenceCache(None, problem.key)
                     for item in cache_state["entries"]:

@@ -24,6 +24,15 @@ from components.loss_graph import TASK_BRANCHES
 TASK = "segmentation"
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """Tiny tensors: intra-op threads only add contention on a shared CPU (≈20x slower here)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def make_evolution(seed: int = 0, **overrides) -> RegularizedEvolution:
     cfg = EvolutionConfig(**{"initial_population": 4, "max_population": 10, **overrides})
     rng = random.Random(seed)

@@ -19,7 +19,7 @@ from components.segmentation_task import build_screening_problem
 NUM_CLASSES = 3
 SCREENING = ScreeningConfig(samples=2, steps=5, lr=0.5, threshold=0.0)  # tiny, permissive protocol (fast tests)
 # tiny but selective: g must be > 0, so zero-gradient and non-improving losses are rejected
-STRICT = ScreeningConfig(samples=2, steps=5, lr=0.5, threshold=1e-9)
+STRICT = ScreeningConfig(samples=2, steps=10, lr=0.5, threshold=1e-9)
 
 
 def shapes_items(n: int, size: int = 16, seed: int = 0):
@@ -44,6 +44,15 @@ def make_problem(seed: int = 0):
     net = torch.nn.Conv2d(3, NUM_CLASSES, 1)  # a randomly initialised network gives the probe predictions
     return build_screening_problem(shapes_items(4), "mIoU", num_classes=NUM_CLASSES, samples=2, size=8,
                                    seed=seed, model=net)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """Tiny tensors: intra-op threads only add contention on a shared CPU (≈20x slower here)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +114,7 @@ def _population(engine: SearchEngine):
 @pytest.fixture(scope="module")
 def finished(problem):
     """One sequential search with a selective protocol and some failed / NaN trainings, shared by tests."""
-    engine = make_engine(problem, seed=1, budget=10, screening=STRICT)
+    engine = make_engine(problem, seed=1, budget=16, screening=STRICT)
     run_sequential(engine, problem, fail_ids=frozenset({2}), nan_ids=frozenset({6}))
     return engine
 
@@ -119,12 +128,12 @@ def test_funnel_counters_add_up(finished):
     assert c["rejected_zero_gradient"] > 0 and c["rejected_below_threshold"] > 0
     assert c["generated"] == c["accepted"] + rejected
     reported = c["evaluated"] + c["nan_stopped"] + c["failed"]
-    assert finished.done and reported == 10 and c["in_flight"] == 0
+    assert finished.done and reported == 16 and c["in_flight"] == 0
     assert c["accepted"] == c["duplicates"] + reported + c["in_flight"]
     assert len(finished.history) == reported + c["duplicates"]
     statuses = [r["status"] for r in finished.history]
-    assert statuses.count("failed") == c["failed"] == 1
-    assert statuses.count("nan-stopped") == c["nan_stopped"] == 1
+    assert statuses.count("failed") == c["failed"] >= 1
+    assert statuses.count("nan-stopped") == c["nan_stopped"] >= 1
     assert statuses.count("duplicate-reused") == c["duplicates"]
     assert finished.next_candidate() is None  # budget used
 
@@ -186,7 +195,7 @@ def test_duplicates_reuse_scores_without_budget(finished):
         assert source["id"] < d["id"]
     # budget counts proxy trainings only
     trained = [r for r in finished.history if r["status"] in ("evaluated", "nan-stopped", "failed")]
-    assert len(trained) == 10 and len(finished.history) > 10
+    assert len(trained) == 16 and len(finished.history) > 16
 
 
 def test_failed_results_are_not_cached_but_evaluated_ones_are(finished):
@@ -274,17 +283,17 @@ def test_accepts_mapping_results(problem):
 
 def test_resume_matches_an_uninterrupted_run(problem, tmp_path):
     # small window (P = 8) so that aging happens before and after the interruption
-    cfg = EvolutionConfig(initial_population=3, max_population=8, budget=20, max_attempts=3000)
+    cfg = EvolutionConfig(initial_population=3, max_population=8, budget=30, max_attempts=3000)
     full = make_engine(problem, seed=3, config=cfg, cache_path=tmp_path / "full-cache.json")
     run_sequential(full, problem, fail_ids=frozenset({5}))
     assert len(full.history) > 8 and full.evolution.population[0].id > 0
 
     part = make_engine(problem, seed=3, config=cfg, cache_path=tmp_path / "part-cache.json")
-    run_sequential(part, problem, steps=7, fail_ids=frozenset({5}))
+    run_sequential(part, problem, steps=11, fail_ids=frozenset({5}))
     part.save(tmp_path / "state.json")
     del part
     resumed = SearchEngine.load(tmp_path / "state.json", problem)
-    assert resumed.reported == 7
+    assert resumed.reported == 11
     run_sequential(resumed, problem, fail_ids=frozenset({5}))
 
     assert _population(resumed) == _population(full)
@@ -295,10 +304,10 @@ def test_resume_matches_an_uninterrupted_run(problem, tmp_path):
 
 
 def test_in_flight_candidates_are_reissued_after_restore(problem, tmp_path):
-    full = make_engine(problem, seed=4, budget=12)
+    full = make_engine(problem, seed=4, budget=16)
     run_sequential(full, problem)
 
-    part = make_engine(problem, seed=4, budget=12)
+    part = make_engine(problem, seed=4, budget=16)
     run_sequential(part, problem, steps=5)
     pending = part.next_candidate()  # handed out, then the process "dies" before reporting
     part.save(tmp_path / "state.json")
@@ -351,6 +360,22 @@ def test_load_rejects_mismatched_and_corrupted_states(problem, tmp_path):
             SearchEngine.load(bad_path, problem)
     with pytest.raises(LossforgeError, match="not found"):
         SearchEngine.load(tmp_path / "missing.json", problem)
+
+
+def test_missing_cache_file_is_a_clear_error_and_budget_can_be_extended(problem, finished, tmp_path):
+    engine = make_engine(problem, seed=6, budget=1, cache_path=tmp_path / "cache.json")
+    run_sequential(engine, problem)
+    path = engine.save(tmp_path / "state.json")
+    (tmp_path / "cache.json").unlink()
+    with pytest.raises(LossforgeError, match="cache.json.*missing"):
+        SearchEngine.load(path, problem)
+
+    finished.save(tmp_path / "finished.json")
+    extended = SearchEngine.load(tmp_path / "finished.json", problem, budget=18)
+    assert not extended.done and extended.reported == 16
+    run_sequential(extended, problem)
+    assert extended.done and extended.reported == 18
+    assert extended.history[: len(finished.history)] == finished.history
 
 
 def test_constructor_rejects_a_cache_of_another_problem(problem):
