@@ -21,7 +21,6 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
-COMPAT = ROOT / "flows" / "compat"
 
 # A search small enough for a test: 3 proxy evaluations of a few iterations on 32x32 images.
 TINY = {
@@ -54,13 +53,13 @@ def write_tiny_params(folder: Path, profile: str = "tiny", **sections: Any) -> P
 
 
 def env(**extra: str) -> dict[str, str]:
-    """Environment for subprocesses: quiet, no telemetry, the FastAPI shim on PYTHONPATH, 1 torch thread."""
+    """Environment for subprocesses: quiet, no telemetry, the project on PYTHONPATH, 1 torch thread."""
     out = dict(os.environ)
     out.update({
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "DO_NOT_TRACK": "1",
         "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
-        "PYTHONPATH": os.pathsep.join([str(COMPAT), str(ROOT)]),
+        "PYTHONPATH": str(ROOT),
         "OMP_NUM_THREADS": "1",
         "MKL_NUM_THREADS": "1",
         "MLFLOW_ENABLE_ASYNC_LOGGING": "false",
