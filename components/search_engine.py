@@ -133,6 +133,7 @@ class SearchEngine:
     `cache` an EquivalenceCache for that key (a fresh in-memory one by default, or give `cache_path`).
     `proxy_key` names the proxy-training settings: cached proxy scores are reused only under the
     same key (e.g. a digest of ProxyConfig + target metric), so a changed proxy never reuses stale scores.
+    Not thread-safe: call it from the one thread that orchestrates the parallel proxy trainings.
     """
 
     def __init__(
