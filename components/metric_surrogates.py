@@ -23,7 +23,9 @@ helpers) that `export_surrogate_module_source` copies verbatim into a standalone
 
 from __future__ import annotations
 
+import hashlib
 import inspect
+import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -135,6 +137,11 @@ class SurrogateSpec:
     def identity(self) -> SurrogateSpec:
         """The same spec with identity θ everywhere (the naive relaxation, Eq. 8)."""
         return SurrogateSpec(**{**self.to_dict(include_points=False, include_format=False), "theta": {}})
+
+    def hash(self) -> str:
+        """Short content hash (sha256 of the canonical JSON without control points, first 16 hex chars)."""
+        text = json.dumps(self.to_dict(include_points=False), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
     def control_points(self) -> dict[str, list[list[float]]]:
         """Control points (Bézier) or knots (linear) of every curve, endpoints included."""

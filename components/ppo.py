@@ -105,9 +105,18 @@ class PPOCandidate:
     step: int
     kind: str
 
+    @property
+    def hash(self) -> str:
+        """Content hash of the candidate's surrogate (SurrogateSpec.hash)."""
+        return self.spec.hash()
+
     def loss(self, num_classes: int) -> SurrogateLoss:
         """The nn.Module loss to train with."""
         return SurrogateLoss(self.spec, num_classes)
+
+    def loss_spec(self) -> dict[str, Any]:
+        """A components.loss_registry.build_loss spec of this candidate (the surrogate inline)."""
+        return {"type": "surrogate", "spec": self.spec.to_dict()}
 
 
 # ----------------------------------------------------------------------------- truncated normal
@@ -303,7 +312,8 @@ class PPOSearch:
             reward = 0.0 if self.config.failed == "zero" else None
         metrics = {k: _finite(v) for k, v in (_field(result, "metrics", None) or {}).items()}
         record = {
-            "id": entry["id"], "step": self.step, "kind": entry["kind"], "theta": list(entry["theta"]),
+            "id": entry["id"], "hash": self.spec_for(entry["theta"]).hash(), "step": self.step, "kind": entry["kind"],
+            "theta": list(entry["theta"]),
             "status": status, "target": target if status == "ok" else None, "reward": reward,
             "advantage": None, "metrics": metrics, "sigma": self.sigma,
             "iterations": _field(result, "iterations", None), "seconds": _finite(_field(result, "seconds", None)),
@@ -365,6 +375,19 @@ class PPOSearch:
         score, _, step, theta, kind, cid = max(options, key=lambda o: (o[0], o[1]))
         return {"step": step, "theta": list(theta), "score": score, "score_kind": kind, "candidate_id": cid,
                 "spec": self.spec_for(theta).to_dict()}
+
+    def progress_curve(self) -> list[dict[str, Any]]:
+        """Per finished step (Fig. 3 of the paper): μ's reward, the mean/max sample reward, the best μ score so
+        far and the number of proxy results reported by then."""
+        out, best = [], None
+        for s in self.policy_history:
+            reported = sum(1 for r in self.history if r["step"] <= s["step"])
+            score = s["mu_reward"] if self.config.baseline == "mu" else s["mean_reward"]
+            if score is not None and (best is None or score > best):
+                best = score
+            out.append({"step": s["step"], "evaluations": reported, "mu_reward": s["mu_reward"],
+                        "mean_reward": s["mean_reward"], "max_reward": s["max_reward"], "best_so_far": best})
+        return out
 
     def best_spec(self) -> SurrogateSpec | None:
         """best() as a SurrogateSpec, ready for save_surrogate / SurrogateLoss / export."""

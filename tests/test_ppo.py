@@ -269,3 +269,23 @@ def test_result_exports_directly_as_a_loss(tmp_path):
     logits = torch.randn(2, 3, 12, 12, generator=gen)
     target = torch.randint(0, 3, (2, 12, 12), generator=gen)
     assert float(module.SearchedLoss()(logits, target)) == float(SurrogateLoss(loaded, 3)(logits, target))
+
+
+def test_flow_helpers_hash_loss_spec_and_progress():
+    from components.loss_registry import build_loss
+
+    search = PPOSearch(SurrogateSpec({"mIoU": 1.0}), PPOConfig(samples=3, steps=2, optimizer_steps=5), seed=6)
+    cands = search.next_candidates()
+    assert len({c.hash for c in cands}) == len(cands) and all(len(c.hash) == 16 for c in cands)
+    loss = build_loss(cands[1].loss_spec(), num_classes=3)
+    gen = torch.Generator().manual_seed(1)
+    logits, target = torch.randn(1, 3, 8, 8, generator=gen), torch.randint(0, 3, (1, 8, 8), generator=gen)
+    assert float(loss(logits, target)) == float(cands[1].loss(3)(logits, target))
+    for c, reward in zip(cands, [0.5, 0.6, 0.4, 0.7]):
+        search.report(c.id, {"status": "ok", "target": reward})
+    assert search.history[1]["hash"] == cands[1].hash
+    run(search)
+    curve = search.progress_curve()
+    assert [p["step"] for p in curve] == [0, 1] and [p["evaluations"] for p in curve] == [4, 8]
+    assert curve[0]["mu_reward"] == 0.5 and curve[0]["max_reward"] == 0.7
+    assert curve[1]["best_so_far"] == max(0.5, curve[1]["mu_reward"])
