@@ -129,3 +129,13 @@ def test_sample_curve_for_plots():
     ys, gs = bezier.sample_curve(bezier.identity_theta(), points=11)
     assert len(ys) == 11 and gs[0] == 0.0 and abs(gs[-1] - 1.0) < 1e-12
     assert all(abs(a - b) < 1e-12 for a, b in zip(ys, gs))
+
+
+@pytest.mark.parametrize("family,pieces", CASES)
+def test_analytic_derivative_matches_finite_differences(family, pieces):
+    for theta in _random_thetas(family, pieces, 8, seed=21)[:8]:
+        g = bezier.PiecewiseCurve(theta, family, pieces)
+        knots = [u for u, _ in bezier.control_points(theta, family, pieces)]
+        y = torch.rand(64, dtype=torch.float64, generator=torch.Generator().manual_seed(2)) * 0.98 + 0.01
+        y = y[torch.tensor([min(abs(v - k) for k in knots) > 1e-4 for v in y.tolist()])]  # away from the knots
+        torch.autograd.gradcheck(g, (y.requires_grad_(),), eps=1e-7, atol=1e-5, rtol=1e-4)
