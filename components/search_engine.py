@@ -157,6 +157,12 @@ class SearchEngine:
         self.screening_config = screening_config or ScreeningConfig()
         self.seed = int(seed)
         self.proxy_key = str(proxy_key)
+        probe_samples = getattr(problem, "samples", None)
+        if probe_samples is not None and self.screening_config.samples > probe_samples:
+            raise LossforgeError(
+                f"search: screening.samples={self.screening_config.samples} but the probe has only "
+                f"{probe_samples} samples (build the screening problem with at least that many)"
+            )
         problem_task = getattr(problem, "task", task)
         if problem_task != task:
             raise LossforgeError(f"search: the screening problem is for task {problem_task!r}, not {task!r}")

@@ -378,6 +378,9 @@ def test_missing_cache_file_is_a_clear_error_and_budget_can_be_extended(problem,
     assert extended.history[: len(finished.history)] == finished.history
 
 
-def test_constructor_rejects_a_cache_of_another_problem(problem):
+def test_constructor_rejects_mismatched_cache_and_probe(problem):
     with pytest.raises(LossforgeError, match="cache"):
-        SearchEngine(problem, cache=EquivalenceCache(None, "segmentation/BF1/other"))
+        SearchEngine(problem, screening_config=SCREENING, cache=EquivalenceCache(None, "segmentation/BF1/other"))
+    # a probe with fewer samples than the protocol asks for is a set-up error, not 100k rejected candidates
+    with pytest.raises(LossforgeError, match="samples"):
+        SearchEngine(problem, screening_config=ScreeningConfig(samples=5))
