@@ -42,6 +42,7 @@ from components.metric_surrogates import SurrogateLoss, SurrogateSpec
 STATE_FORMAT = "lossforge.ppo_state/1"
 MU_LIMIT = 1e-4  # μ is kept in [MU_LIMIT, 1 - MU_LIMIT] (finite logit)
 _COUNTER_OF = {"ok": "evaluated", "nan": "nan_stopped", "failed": "failed"}
+_STATUS_OF = {"ok": "evaluated", "nan": "nan-stopped", "failed": "failed"}  # history status, as SearchEngine
 
 
 @dataclass(frozen=True)
@@ -314,7 +315,7 @@ class PPOSearch:
         record = {
             "id": entry["id"], "hash": self.spec_for(entry["theta"]).hash(), "step": self.step, "kind": entry["kind"],
             "theta": list(entry["theta"]),
-            "status": status, "target": target if status == "ok" else None, "reward": reward,
+            "status": _STATUS_OF[status], "target": target if status == "ok" else None, "reward": reward,
             "advantage": None, "metrics": metrics, "sigma": self.sigma,
             "iterations": _field(result, "iterations", None), "seconds": _finite(_field(result, "seconds", None)),
             "message": str(_field(result, "message", "") or ""),
@@ -358,9 +359,9 @@ class PPOSearch:
 
     # ----------------------------------------------------------------- results
     def best(self) -> dict[str, Any] | None:
-        """The best policy mean so far (the paper's output): a dict with step, theta (= μ_t), score,
-        score_kind ("mu_reward" or "mean_sample_reward"), candidate_id and spec (SurrogateSpec dict); None if
-        nothing was scored yet."""
+        """The best policy mean so far (the paper's output): a dict with step, theta (= μ_t), score (= target),
+        score_kind ("mu_reward" or "mean_sample_reward"), id / candidate_id (μ's candidate, None with the "mean"
+        baseline), hash and spec (SurrogateSpec dict); None if nothing was scored yet. Ties: earliest step."""
         options = []
         if self.config.baseline == "mu":
             for r in self.history:
@@ -373,8 +374,9 @@ class PPOSearch:
         if not options:
             return None
         score, _, step, theta, kind, cid = max(options, key=lambda o: (o[0], o[1]))
-        return {"step": step, "theta": list(theta), "score": score, "score_kind": kind, "candidate_id": cid,
-                "spec": self.spec_for(theta).to_dict()}
+        spec = self.spec_for(theta)
+        return {"id": cid, "candidate_id": cid, "hash": spec.hash(), "step": step, "theta": list(theta),
+                "score": score, "target": score, "score_kind": kind, "spec": spec.to_dict()}
 
     def progress_curve(self) -> list[dict[str, Any]]:
         """Per finished step (Fig. 3 of the paper): μ's reward, the mean/max sample reward, the best μ score so
@@ -395,8 +397,8 @@ class PPOSearch:
         return None if b is None else self.spec_for(b["theta"])
 
     def best_sample(self) -> dict[str, Any] | None:
-        """The history record with the highest reward among trained samples (ok status), or None."""
-        ok = [r for r in self.history if r["status"] == "ok"]
+        """The history record with the highest target among trained candidates (status "evaluated"), or None."""
+        ok = [r for r in self.history if r["status"] == "evaluated"]
         return max(ok, key=lambda r: r["target"]) if ok else None
 
     # ----------------------------------------------------------------- persistence

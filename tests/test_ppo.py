@@ -153,7 +153,7 @@ def test_failed_and_nan_samples(mode):
     for c, r in zip(cands, outcomes):
         search.report(c.id, r)
     statuses = [r["status"] for r in search.history]
-    assert statuses == ["failed", "nan", "nan", "ok", "ok"]
+    assert statuses == ["failed", "nan-stopped", "nan-stopped", "evaluated", "evaluated"]
     assert search.counters["failed"] == 1 and search.counters["nan_stopped"] == 2 and search.counters["evaluated"] == 2
     step = search.policy_history[0]
     assert step["baseline_kind"] == "mean" and step["mu_reward"] is None
