@@ -268,7 +268,8 @@ def surrogate_scores(probs: torch.Tensor, target: torch.Tensor, curves, metrics,
         invalid = target == ignore_index
         valid = (~invalid).unsqueeze(1).to(probs.dtype)
         y = one_hot_maps(target.masked_fill(invalid, 0), n_cls, valid, probs.dtype)
-        # one-hot argmax prediction (only used to pick the classes the exact metric averages over)
+        # one-hot argmax prediction, only used to pick the classes the exact metric averages over
+        # (exactly tied probabilities mark every tied class)
         hard = (probs >= probs.amax(1, keepdim=True)).to(probs.dtype).mul_(valid)
         gt = y.sum((0, 2, 3))
         y_edge = y - erode(y, boundary_width) if ("BIoU" in metrics or "BF1" in metrics) else None

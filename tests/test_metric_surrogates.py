@@ -5,6 +5,7 @@ import ast
 import importlib.util
 import json
 import random
+import zlib
 
 import pytest
 import torch
@@ -50,7 +51,7 @@ def random_spec(metrics, rng, family="bezier", pieces=2, extreme=False, **kw):
 @pytest.mark.parametrize("boundary,drop_bg", [("avgpool", None), ("minpool", None), ("avgpool", False), ("minpool", True)])
 @pytest.mark.parametrize("family", ["bezier", "linear"])
 def test_one_hot_inputs_give_the_exact_metrics(boundary, drop_bg, family):
-    gen = torch.Generator().manual_seed(hash((boundary, drop_bg, family)) % 1000)
+    gen = torch.Generator().manual_seed(zlib.crc32(f"{boundary}{drop_bg}{family}".encode()))
     rng = random.Random(1)
     for trial in range(6):
         target = blocky_labels(gen, 2, 24, 6)
