@@ -236,6 +236,7 @@ def test_resume_after_sigkill_gives_the_same_trajectory(tmp_path):
     run(resumed, batch=4)
     assert resumed.policy_history == reference.policy_history  # exact μ trajectory
     assert [r["theta"] for r in resumed.history] == [r["theta"] for r in reference.history]
+    assert [r["advantage"] for r in resumed.history] == [r["advantage"] for r in reference.history]
     assert resumed.counters == reference.counters and resumed.best() == reference.best()
 
 
