@@ -215,6 +215,22 @@ def load_surrogate(path) -> SurrogateSpec:
 # ----------------------------------------------------------------------------- torch-only maths (exported verbatim)
 
 
+class PairMax(torch.autograd.Function):
+    """Element-wise maximum whose backward routes the gradient by one saved bool mask (ties go to `a`):
+    cheaper than torch.maximum's backward, which dominates the cost of the soft boundary maps."""
+
+    @staticmethod
+    def forward(ctx, a, b):
+        ctx.save_for_backward(a >= b)
+        return torch.maximum(a, b)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (take_a,) = ctx.saved_tensors
+        grad_a = grad * take_a
+        return grad_a, grad - grad_a
+
+
 def max_filter(x: torch.Tensor, radius: int, dim: int) -> torch.Tensor:
     """Sliding maximum over a window of 2·radius + 1 along `dim` (stride 1, padding never counted).
 
@@ -223,11 +239,12 @@ def max_filter(x: torch.Tensor, radius: int, dim: int) -> torch.Tensor:
         return x
     n, w = x.shape[dim], 2 * radius + 1
     pad = [0, 0] * (x.dim() - 1 - dim % x.dim()) + [radius, radius]
+    pair_max = PairMax.apply if x.requires_grad else torch.maximum
     m, span = F.pad(x, pad, value=float("-inf")), 1
     while span * 2 <= w:
-        m = torch.maximum(m.narrow(dim, 0, m.shape[dim] - span), m.narrow(dim, span, m.shape[dim] - span))
+        m = pair_max(m.narrow(dim, 0, m.shape[dim] - span), m.narrow(dim, span, m.shape[dim] - span))
         span *= 2
-    return torch.maximum(m.narrow(dim, 0, n), m.narrow(dim, w - span, n))
+    return pair_max(m.narrow(dim, 0, n), m.narrow(dim, w - span, n))
 
 
 def erode(x: torch.Tensor, width: int) -> torch.Tensor:
@@ -326,7 +343,7 @@ def surrogate_scores(probs: torch.Tensor, target: torch.Tensor, curves, metrics,
 
 
 # the torch-only maths above, copied verbatim by export_surrogate_module_source
-SOURCE_OBJECTS = (max_filter, erode, dilate_soft, one_hot_maps, class_mean, surrogate_scores)
+SOURCE_OBJECTS = (PairMax, max_filter, erode, dilate_soft, one_hot_maps, class_mean, surrogate_scores)
 
 
 # ----------------------------------------------------------------------------- nn.Module
