@@ -150,13 +150,14 @@ def search_loop_flow(params: Params, data: dict[str, str]) -> dict[str, Any]:
     checkpoint = state / "checkpoint.json"
     write_json_atomic(state / "params.json", params.model_dump(mode="json"))
 
-    train_ds = open_split(data["path"], data["train"])
-    screen_cfg = params.config("screening")
-    problem = build_screening_problem(
-        train_ds, params.search.metric, train_ds.num_classes, samples=screen_cfg.samples,
-        size=params.section_extra("screening", "size", 64), seed=params.search.seed,
-    )
-    method = make_method(params, problem, state)
+    with timeline.measure("screening"):  # the probe problem: B samples + a random network's predictions
+        train_ds = open_split(data["path"], data["train"])
+        screen_cfg = params.config("screening")
+        problem = build_screening_problem(
+            train_ds, params.search.metric, train_ds.num_classes, samples=screen_cfg.samples,
+            size=params.section_extra("screening", "size", 64), seed=params.search.seed,
+        )
+        method = make_method(params, problem, state)
     resumed = checkpoint.exists()
     logger.info("search %s: %s (%d results so far)", params.search_id, "resumed" if resumed else "new",
                 len(method.history))
