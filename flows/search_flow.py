@@ -170,6 +170,7 @@ def search_loop_flow(params: Params, data: dict[str, str]) -> dict[str, Any]:
 
     proxy_cfg = params.config("proxy")
     workers = params.search.workers
+    threads = max(1, (os.cpu_count() or 1) // workers)
     group = params.search.losses_per_training
     in_flight: dict[Any, list[dict[str, Any]]] = {}
     budget = params.search.budget
@@ -202,7 +203,7 @@ def search_loop_flow(params: Params, data: dict[str, str]) -> dict[str, Any]:
                 continue
             future = proxy_training.with_options(retries=params.search.task_retries, retry_delay_seconds=1).submit(
                 [{"id": c["id"], "hash": c["hash"], "loss": c["loss"]} for c in cands],
-                data, proxy_cfg, params.search.metric, str(state),
+                data, proxy_cfg, params.search.metric, str(state), threads,
             )
             in_flight[future] = cands
         if not in_flight:

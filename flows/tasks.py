@@ -107,6 +107,7 @@ def proxy_training(
     proxy_config: Any,
     metric: str,
     state_dir: str,
+    torch_threads: int | None = None,
 ) -> list[dict[str, Any]]:
     """Train the candidates' losses side by side on the proxy task; one JSON-able result per candidate.
 
@@ -114,8 +115,13 @@ def proxy_training(
     "failed" (never raises for a bad candidate); an exception of the training itself propagates, so the
     task's retries apply, and the flow records "failed" once they are used up.
     """
+    import torch
+
     from components.loss_registry import build_loss
     from components.proxy_training import train_proxy
+
+    if torch_threads:  # share the CPU cores between the parallel trainings
+        torch.set_num_threads(torch_threads)
 
     train_ds, eval_ds = _datasets(data["path"], data["train"], data["eval"])
     losses, results = {}, {}

@@ -27,19 +27,26 @@ def record(i: int, tmp_path, status="evaluated", target=0.5):
     }
 
 
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """One SQLite store for the module (creating MLflow's tables takes seconds); searches differ by id."""
+    root = tmp_path_factory.mktemp("store")
+    return root, resolve_tracking_uri("sqlite:///mlruns/mlflow.db", root)
+
+
 @pytest.fixture()
-def uri(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    return resolve_tracking_uri("sqlite:///mlruns/mlflow.db")
+def uri(store):
+    return store[1]
 
 
-def tracker(uri, tmp_path):
-    return SearchTracker(uri, "lossforge/test-search", "test-search", artifact_root=tmp_path / "art",
+def tracker(uri, tmp_path, search_id=None):
+    search_id = search_id or tmp_path.name
+    return SearchTracker(uri, f"lossforge/{search_id}", search_id, artifact_root=tmp_path / "art",
                          params={"search.budget": 3, "search.metric": "mIoU"})
 
 
 def test_candidate_runs_are_nested_and_idempotent(uri, tmp_path):
-    assert uri == f"sqlite:///{tmp_path}/mlruns/mlflow.db"
+    assert uri.startswith("sqlite:////") and uri.endswith("/mlruns/mlflow.db")
     t = tracker(uri, tmp_path)
     parent = t.start()
     recs = [record(0, tmp_path), record(1, tmp_path, "nan-stopped", None), record(2, tmp_path, "duplicate-reused")]
@@ -52,7 +59,7 @@ def test_candidate_runs_are_nested_and_idempotent(uri, tmp_path):
     assert t2.start() == parent
     assert t2.sync(recs) == 1
     client = MlflowClient(uri)
-    exp = client.get_experiment_by_name("lossforge/test-search")
+    exp = client.get_experiment_by_name(f"lossforge/{tmp_path.name}")
     runs = client.search_runs([exp.experiment_id])
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent]
     assert sorted(r.data.tags[TAG_KEY] for r in children) == ["0-h0", "1-h1", "2-h2"]
@@ -77,7 +84,7 @@ def test_half_written_run_is_replaced_on_resume(uri, tmp_path):
     t = tracker(uri, tmp_path)
     parent = t.start()
     # what a SIGKILL between create_run and set_terminated leaves behind
-    t.client.create_run(t.experiment_id, tags={"mlflow.parentRunId": parent, "lossforge.search_id": "test-search",
+    t.client.create_run(t.experiment_id, tags={"mlflow.parentRunId": parent, "lossforge.search_id": t.search_id,
                                                 "lossforge.kind": "candidate", TAG_KEY: "0-h0"})
     t2 = tracker(uri, tmp_path)
     t2.start()
