@@ -54,12 +54,22 @@ def make_split(
     return Split(train=[i for i in ids if i not in held], eval=[i for i in ids if i in held])
 
 
-def write_manifest(path: str | os.PathLike, ids: Sequence[str]) -> Path:
-    """Write ids one per line (atomically); returns the path."""
-    path = Path(path)
+def _check_manifest_ids(path: Path, ids: Sequence[str]) -> None:
+    """Refuse what read_manifest would refuse: no ids, an empty/whitespace id, duplicates."""
+    if not ids:
+        raise SplitError(f"{path}: refusing to write an empty split manifest")
     bad = [i for i in ids if not i or any(c.isspace() for c in i)]
     if bad:
         raise SplitError(f"{path}: ids must be non-empty and contain no whitespace (got {bad[0]!r})")
+    if len(set(ids)) != len(ids):
+        raise SplitError(f"{path}: duplicate ids")
+
+
+def write_manifest(path: str | os.PathLike, ids: Sequence[str]) -> Path:
+    """Write ids one per line (atomically); returns the path. Empty, blank or duplicated ids are a SplitError."""
+    path = Path(path)
+    ids = list(ids)
+    _check_manifest_ids(path, ids)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text("".join(f"{i}\n" for i in ids), encoding="utf-8")
@@ -89,12 +99,16 @@ def write_search_splits(
     eval_fraction: float | None = None,
     seed: int = 0,
 ) -> dict[str, Path]:
-    """Write `train.txt` (S_train), `eval.txt` (S_eval) and `test.txt` (held-out set) into `out_dir`."""
+    """Write `train.txt` (S_train), `eval.txt` (S_eval) and `test.txt` (held-out set) into `out_dir`.
+
+    Every input is checked first, so a SplitError leaves `out_dir` untouched."""
     overlap = set(train_ids) & set(test_ids)
     if overlap:
         raise SplitError(f"split: {len(overlap)} id(s) are both in the training and the test set, e.g. {sorted(overlap)[0]!r}")
     parts = make_split(train_ids, eval_count=eval_count, eval_fraction=eval_fraction, seed=seed)
     out = Path(out_dir)
+    for name, ids in (("train", parts.train), ("eval", parts.eval), ("test", list(test_ids))):
+        _check_manifest_ids(out / f"{name}.txt", ids)  # all checks before the first file is written
     return {
         "train": write_manifest(out / "train.txt", parts.train),
         "eval": write_manifest(out / "eval.txt", parts.eval),
