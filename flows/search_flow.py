@@ -186,6 +186,8 @@ def search_loop_flow(params: Params, data: dict[str, str]) -> dict[str, Any]:
                 tracker.sync(_tracker_record(method, r, loss_files) for r in method.history)
                 top = method.progress()[-1]["top5_mean"] if method.progress() else None
                 tracker.log_search_state(method.counters, len(method.history), top)
+                if hasattr(method, "log_tracking"):  # method-specific metrics/artifacts (e.g. PPO's policy μ)
+                    method.log_tracking(tracker, final=False)
         for rec in records:
             logger.info("candidate %s: %s target=%s", rec["id"], rec["status"], rec.get("target"))
         progress.emit("search", done=_reported(method), total=budget, counters=method.counters)
@@ -229,6 +231,8 @@ def search_loop_flow(params: Params, data: dict[str, str]) -> dict[str, Any]:
             artifact_path="search",
         )
         tracker.log_search_state(method.counters, len(method.history), summary.get("top5_mean"))
+        if hasattr(method, "log_tracking"):
+            method.log_tracking(tracker, final=True)
         tracker.finish()
     return summary
 
