@@ -59,7 +59,7 @@ def env(**extra: str) -> dict[str, str]:
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "DO_NOT_TRACK": "1",
         "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
-        "PYTHONPATH": str(ROOT),
+        "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p),
         "OMP_NUM_THREADS": "1",
         "MKL_NUM_THREADS": "1",
         "MLFLOW_ENABLE_ASYNC_LOGGING": "false",
