@@ -194,7 +194,7 @@ def _classes_arg(classes: Sequence[str] | str | os.PathLike) -> list[str]:
 
 
 def _find_image(folder: Path, stem: str) -> Path:
-    for ext in IMAGE_EXTENSIONS:
+    for ext in IMAGE_EXTENSIONS + tuple(e.upper() for e in IMAGE_EXTENSIONS):  # a.jpg or A.JPG (cameras)
         candidate = folder / f"{stem}{ext}"
         if candidate.exists():
             return candidate
@@ -302,7 +302,8 @@ def open_coco(
     """COCO instance annotations rasterised into class maps (categories → 1..K in id order, 0 = background).
 
     Sample ids are image file stems. Crowd regions become the ignore label. `images_dir` defaults to
-    the folder of the JSON's parent that holds the files (COCO: images next to annotations/).
+    the first folder that exists of: COCO's ``<root>/train2017`` for ``<root>/annotations/instances_train2017.json``,
+    ``<root>/JPEGImages``, ``<root>/images``, ``images/`` next to the JSON, ``<root>``.
     """
     from pycocotools import mask as mask_utils
 
@@ -320,7 +321,8 @@ def open_coco(
     label_of = {c["id"]: k + 1 for k, c in enumerate(cats)}
     names = ["background"] + [c["name"] for c in cats]
     if images_dir is None:
-        candidates = [path.parent.parent / "JPEGImages", path.parent.parent / "images", path.parent / "images", path.parent.parent]
+        split_dir = path.parent.parent / path.stem.split("_", 1)[-1]  # COCO: annotations/instances_val2017.json
+        candidates = [split_dir, path.parent.parent / "JPEGImages", path.parent.parent / "images", path.parent / "images", path.parent.parent]
         images_dir = next((c for c in candidates if c.is_dir()), path.parent)
     images_dir = Path(images_dir)
     anns_by_image: dict[int, list[dict]] = {}
