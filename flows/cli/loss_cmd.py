@@ -1,5 +1,171 @@
-"""`lossforge loss ...` commands."""
+"""`lossforge loss ...` commands: show a loss JSON, screen it with the rejection protocol, export it.
+
+Orchestration only: loading, screening, simplification and export live in components/.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+from typing import Optional
 
 import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+from components.errors import LossforgeError
+from flows.cli.common import user_errors
 
 app = typer.Typer(no_args_is_help=True)
+console = Console(highlight=False, soft_wrap=True)
+
+PROBE_TRAIN_IMAGES = 40
+PROBE_TEST_IMAGES = 10
+PROBE_IMAGE_SIZE = 64
+
+
+def _run_with_timeout(fn, seconds: float):
+    """Run fn() in a daemon thread; (True, value) or (False, None) if it did not finish in time."""
+    box: dict = {}
+
+    def target():
+        try:
+            box["value"] = fn()
+        except Exception as exc:  # noqa: BLE001 - reported as "could not simplify"
+            box["error"] = exc
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if thread.is_alive():
+        return False, None
+    if "error" in box:
+        return False, box["error"]
+    return True, box["value"]
+
+
+@app.command("show")
+@user_errors
+def show(
+    file: Path = typer.Argument(..., help="Loss JSON file (lossforge.loss/1)."),
+    simplify: bool = typer.Option(True, help="Also print the SymPy-simplified form and its LaTeX."),
+    timeout: float = typer.Option(20.0, help="Seconds allowed for SymPy simplification."),
+) -> None:
+    """Print the loss as a readable formula, its simplified SymPy form and LaTeX."""
+    from components.loss_export import simplify as simplify_graph
+    from components.loss_export import to_latex
+    from components.loss_json import load_graph
+
+    graph = load_graph(file)
+    console.print(f"[bold]{file}[/] task={graph.task} hash={graph.hash()}")
+    for name, branch in graph.branches.items():
+        tree = branch.tree
+        console.print(f"  branch {name}: weight {branch.weight:g}, operator set {tree.operator_set}, "
+                      f"depth {tree.depth}, {tree.size} nodes")
+    console.print("[bold]formula:[/]", markup=True)
+    console.print(graph.formula(), markup=False)
+    console.print("[bold]canonical:[/]")
+    console.print(graph.canonical(), markup=False)
+    console.print("[bold]LaTeX:[/]")
+    console.print(to_latex(graph), markup=False)
+    if simplify:
+        ok, value = _run_with_timeout(lambda: (simplify_graph(graph), to_latex(graph, simplified=True)), timeout)
+        if ok:
+            console.print("[bold]simplified (SymPy):[/]")
+            console.print(str(value[0]), markup=False)
+            console.print("[bold]simplified LaTeX:[/]")
+            console.print(value[1], markup=False)
+        elif value is not None:
+            console.print(f"[yellow]simplified: not available ({type(value).__name__}: {value})[/]")
+        else:
+            console.print(f"[yellow]simplified: SymPy did not finish within {timeout:g} s (use --timeout)[/]")
+
+
+def _default_probe_root() -> Path:
+    """Where the embedded probe dataset lives: data/shapes if present, else the user cache."""
+    local = Path("data/shapes")
+    if (local / "ImageSets").is_dir():
+        return local
+    base = os.environ.get("LOSSFORGE_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "lossforge")
+    return Path(base) / "shapes-probe"
+
+
+def _open_probe_dataset(data: Optional[Path]):
+    from components.seg_datasets import open_segmentation_dataset
+
+    if data is not None:
+        if not data.exists():
+            raise LossforgeError(f"--data {data}: no such file or directory")
+        return open_segmentation_dataset(data), str(data)
+    root = _default_probe_root()
+    if not (root / "ImageSets").is_dir():
+        from components.shapes_dataset import generate_shapes
+
+        with console.status(f"generating the embedded shapes dataset into {root} ..."):
+            generate_shapes(root, num_train=PROBE_TRAIN_IMAGES, num_test=PROBE_TEST_IMAGES,
+                            image_size=PROBE_IMAGE_SIZE, seed=0)
+    return open_segmentation_dataset(root), f"{root} (embedded shapes)"
+
+
+@app.command("check")
+@user_errors
+def check(
+    file: Path = typer.Argument(..., help="Loss JSON file (segmentation task)."),
+    metric: str = typer.Option("mIoU", help="Target metric ξ: gAcc, mAcc, mIoU, FWIoU, BIoU or BF1."),
+    data: Optional[Path] = typer.Option(None, help="Segmentation dataset (default: the embedded shapes dataset)."),
+    steps: int = typer.Option(500, help="SGD steps on the predictions."),
+    samples: int = typer.Option(5, help="Probe samples B."),
+    size: int = typer.Option(64, help="Probe resolution (size × size)."),
+    classes: Optional[int] = typer.Option(None, help="Number of classes (default: the dataset's)."),
+    lr: float = typer.Option(1e-3, help="SGD learning rate."),
+    momentum: float = typer.Option(0.9, help="SGD momentum."),
+    threshold: float = typer.Option(0.6, help="Rejection threshold η."),
+    seed: int = typer.Option(0, help="Seed for the probe samples and the random network."),
+    model: str = typer.Option("lite", help="components.seg_models preset of the random network."),
+) -> None:
+    """Run the loss-rejection protocol on the segmentation probe; print g and the verdict."""
+    from components.loss_json import load_graph
+    from components.rejection import ScreeningConfig, screen
+    from components.segmentation_task import build_screening_problem
+
+    graph = load_graph(file)
+    if "seg" not in graph.branches or graph.task != "segmentation":
+        raise LossforgeError(f"{file}: `loss check` screens segmentation losses; this one is for task {graph.task!r}")
+    config = ScreeningConfig(samples=samples, steps=steps, lr=lr, momentum=momentum, threshold=threshold)
+    dataset, where = _open_probe_dataset(data)
+    with console.status("building the probe (random network predictions) ..."):
+        problem = build_screening_problem(dataset, metric, num_classes=classes, samples=samples, size=size,
+                                          seed=seed, model=model)
+    console.print(f"probe: {samples} samples of {where}, {size}x{size}, "
+                  f"{problem.init_predictions.shape[-3]} classes, metric {problem.metric_name}")
+    console.print(f"loss:  {graph.formula()}", markup=False)
+    with Progress(TextColumn("screening"), BarColumn(), TextColumn("{task.completed}/{task.total} steps"),
+                  TimeElapsedColumn(), console=console, transient=True) as bar:
+        task = bar.add_task("screen", total=max(steps, 1))
+        result = screen(graph, problem, config, progress=lambda done, total: bar.update(task, completed=done))
+    verdict = "[bold green]accepted[/]" if result.accepted else "[bold red]rejected[/]"
+    g = "n/a" if result.score is None else f"{result.score:.4f}"
+    console.print(f"g = {g}  (threshold η = {threshold:g})")
+    console.print(f"verdict: {verdict} ({result.reason})", markup=True)
+    fp = "none" if result.fingerprint is None else ", ".join(f"{v:g}" for v in result.fingerprint)
+    console.print(f"gradient fingerprint: {fp}; {result.steps_run} steps in {result.seconds:.1f} s")
+
+
+@app.command("export")
+@user_errors
+def export(
+    file: Path = typer.Argument(..., help="Loss JSON file."),
+    out: Path = typer.Option(..., "-o", "--out", help="Output .py file."),
+    class_name: str = typer.Option("SearchedLoss", help="Name of the nn.Module class."),
+) -> None:
+    """Write the loss as a standalone .py file defining an nn.Module (needs only torch)."""
+    from components.loss_export import write_module
+    from components.loss_json import load_graph
+
+    if not class_name.isidentifier():
+        raise LossforgeError(f"--class-name {class_name!r} is not a Python identifier")
+    graph = load_graph(file)
+    path = write_module(graph, out, class_name=class_name)
+    console.print(f"wrote {path} (class {class_name}: forward(inputs_per_branch, valid=None))")

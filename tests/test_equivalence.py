@@ -1,0 +1,167 @@
+"""Gradient-equivalence check: fingerprints and the persistent, problem-keyed cache."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from components.equivalence import (
+    CACHE_FORMAT,
+    EquivalenceCache,
+    fingerprint_key,
+    gradient_fingerprint,
+    parse_fingerprint_key,
+)
+from components.errors import LossforgeError
+from components.loss_graph import LossGraph, Node
+from components.rejection import ScreeningConfig, ScreeningResult, round_significant, screen
+from components.segmentation_task import build_screening_problem
+from components.shapes_dataset import SHAPES_CLASSES, render_scene
+
+L, N = Node.leaf, Node.apply
+
+
+def seg(root: Node) -> LossGraph:
+    return LossGraph.single("segmentation", "seg", root)
+
+
+def shapes_items(n: int, size: int = 32, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        scene = render_scene(rng, image_size=size)
+        out.append((torch.from_numpy(scene.image).permute(2, 0, 1).float() / 255.0,
+                    torch.from_numpy(scene.labels.astype(np.int64))))
+    return out
+
+
+@pytest.fixture(scope="module")
+def items():
+    return shapes_items(6)
+
+
+@pytest.fixture(scope="module")
+def problem(items):
+    return build_screening_problem(items, "mIoU", num_classes=len(SHAPES_CLASSES), samples=3, size=16, seed=0)
+
+
+CE = seg(N("neg", N("log", N("mul", L("y_hat"), L("y")))))
+
+
+def test_round_significant_hand_worked():
+    assert round_significant(0.012345) == 0.012
+    assert round_significant(123456.0) == 120000.0
+    assert round_significant(9.96) == 10.0
+    assert round_significant(0.0) == 0.0
+    assert fingerprint_key((12.3456, 0.0, 1e-5)) == "1.2e+01,0.0e+00,1.0e-05"
+    assert parse_fingerprint_key("1.2e+01,0.0e+00") == (12.0, 0.0)
+
+
+def test_fingerprint_of_cross_entropy_matches_hand_derivation(problem):
+    # CE = −Σ y·log(softmax(z)): ∂/∂z = softmax(z) − y at every pixel, so the norm is computed independently.
+    z = problem.init_predictions.double()
+    y = torch.nn.functional.one_hot(problem.targets, z.shape[-3]).movedim(-1, -3).double()
+    norms = (torch.softmax(z, dim=-3) - y).flatten(1).norm(dim=1)
+    expected = tuple(float(f"{v:.1e}") for v in norms.tolist())
+    assert gradient_fingerprint(CE, problem) == expected
+
+
+@pytest.mark.parametrize("a, b", [
+    (N("add", L("y_hat"), N("mul", L("y_hat"), L("y"))), N("add", N("mul", L("y"), L("y_hat")), L("y_hat"))),
+    (N("mul", N("log", L("y_hat")), L("y")), N("mul", L("y"), N("log", L("y_hat")))),
+    (N("neg", N("neg", N("square", L("y_hat")))), N("square", L("y_hat"))),
+    (N("mul", L("y_hat"), L("1")), N("abs", L("y_hat"))),  # softmax outputs are positive
+])
+def test_equivalent_trees_have_equal_fingerprints(problem, a, b):
+    assert seg(a).canonical() != seg(b).canonical()
+    assert gradient_fingerprint(seg(a), problem) == gradient_fingerprint(seg(b), problem)
+
+
+def test_different_losses_have_different_fingerprints(problem):
+    square_err = seg(N("square", N("add", L("y_hat"), N("neg", L("y")))))
+    assert gradient_fingerprint(CE, problem) != gradient_fingerprint(square_err, problem)
+
+
+def test_fingerprint_of_nan_loss_is_an_error(problem):
+    explode = seg(N("exp", N("exp", N("inv", N("mul", L("y_hat"), L("y"))))))
+    with pytest.raises(LossforgeError):
+        gradient_fingerprint(explode, problem)
+
+
+def test_cache_persists_across_instances_and_keys_are_isolated(tmp_path):
+    path = tmp_path / "equiv.json"
+    fp = (1.2, 3.4, 0.0)
+    a = EquivalenceCache(path, "segmentation/mIoU/aaa")
+    a.put(fp, {"screening": {"accepted": True, "score": 0.9, "reason": "accepted"}})
+    a.update(fp, proxy={"status": "ok", "target": 0.42})
+    a.save()
+    b = EquivalenceCache(path, "segmentation/BF1/bbb")
+    assert b.get(fp) is None and len(b) == 0
+    b.put(fp, {"screening": {"accepted": False, "score": 0.1, "reason": "below_threshold"}})
+    b.save()  # must keep a's section
+    again = EquivalenceCache(path, "segmentation/mIoU/aaa")
+    assert again.get(fp)["proxy"] == {"status": "ok", "target": 0.42}
+    assert again.get([1.2, 3.4, 0.0])["screening"]["accepted"] is True
+    assert EquivalenceCache(path, "segmentation/BF1/bbb").get(fp)["screening"]["reason"] == "below_threshold"
+    data = json.loads(path.read_text())
+    assert data["format"] == CACHE_FORMAT and set(data["problems"]) == {"segmentation/mIoU/aaa", "segmentation/BF1/bbb"}
+    assert [p.name for p in tmp_path.iterdir()] == ["equiv.json"]  # atomic write left no temp file
+
+
+def test_cache_entries_are_copies():
+    cache = EquivalenceCache(None, "k")
+    entry = {"proxy": {"target": 1.0}}
+    cache.put((1.0,), entry)
+    entry["proxy"]["target"] = 2.0
+    got = cache.get((1.0,))
+    got["proxy"]["target"] = 3.0
+    assert cache.get((1.0,))["proxy"]["target"] == 1.0
+    assert cache.save() is None  # in-memory cache
+    assert dict(cache.entries()) == {(1.0,): {"proxy": {"target": 1.0}}}
+
+
+def test_cache_bad_files_and_fingerprints(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(LossforgeError, match="bad.json"):
+        EquivalenceCache(bad, "k")
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({"format": "lossforge.search/1"}))
+    with pytest.raises(LossforgeError, match="not an equivalence cache"):
+        EquivalenceCache(other, "k")
+    cache = EquivalenceCache(None, "k")
+    with pytest.raises(LossforgeError):
+        cache.put((float("nan"),), {})
+    with pytest.raises(LossforgeError):
+        EquivalenceCache(None, "")
+
+
+def test_screening_outcome_reused_only_for_same_config_and_proxy_kept(problem, tmp_path):
+    path = tmp_path / "c.json"
+    cache = EquivalenceCache(path, problem.key)
+    cfg = ScreeningConfig(samples=3, steps=40, threshold=0.3)
+    first = screen(CE, problem, cfg, cache=cache)
+    assert not first.cached and first.fingerprint is not None
+    cache.put_proxy(first.fingerprint, {"status": "ok", "target": 0.5})
+    cache.save()
+
+    reopened = EquivalenceCache(path, problem.key)
+    # an equivalent tree (children swapped) is a gradient-duplicate: the outcome is reused
+    swapped = seg(N("neg", N("log", N("mul", L("y"), L("y_hat")))))
+    second = screen(swapped, problem, cfg, cache=reopened)
+    assert second.cached and second.accepted == first.accepted and second.score == first.score
+    assert second.reason == first.reason and second.fingerprint == first.fingerprint
+    # another config (fewer steps) must not reuse the verdict, but the proxy score stays
+    third = screen(swapped, problem, ScreeningConfig(samples=3, steps=5, threshold=0.3), cache=reopened)
+    assert not third.cached
+    assert reopened.get_proxy(first.fingerprint) == {"status": "ok", "target": 0.5}
+    # a cache for another problem key never sees it
+    assert EquivalenceCache(path, problem.key + "-other").get_screening(first.fingerprint) is None
+
+
+def test_screening_result_round_trip():
+    r = ScreeningResult(True, 0.75, "accepted", (1.0, 2.5), 0.1, steps_run=500, cached=False)
+    assert ScreeningResult.from_dict(json.loads(json.dumps(r.to_dict()))) == r
