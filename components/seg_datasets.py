@@ -130,7 +130,8 @@ class SegmentationDataset(Dataset):
             where = sample.image
         if mask.shape != (h, w):
             raise DatasetError(
-                f"{where}: mask size {mask.shape[1]}x{mask.shape[0]} does not match image size {w}x{h} ({sample.image})")
+                f"{where}: mask size {mask.shape[1]}x{mask.shape[0]} does not match image size {w}x{h} "
+                f"({sample.image})")
         bad = np.unique(mask[(mask != self.ignore_index) & ((mask < 0) | (mask >= self.num_classes))])
         if bad.size:
             raise DatasetError(
@@ -322,7 +323,8 @@ def open_coco(
     names = ["background"] + [c["name"] for c in cats]
     if images_dir is None:
         split_dir = path.parent.parent / path.stem.split("_", 1)[-1]  # COCO: annotations/instances_val2017.json
-        candidates = [split_dir, path.parent.parent / "JPEGImages", path.parent.parent / "images", path.parent / "images", path.parent.parent]
+        candidates = [split_dir, path.parent.parent / "JPEGImages", path.parent.parent / "images",
+                      path.parent / "images", path.parent.parent]
         images_dir = next((c for c in candidates if c.is_dir()), path.parent)
     images_dir = Path(images_dir)
     anns_by_image: dict[int, list[dict]] = {}
@@ -379,8 +381,13 @@ def open_segmentation_dataset(
 
     - a ``.json`` file: COCO instances;
     - a folder with ``JPEGImages/`` (VOC layout; `split` names the ImageSets list when `ids` is None);
-    - a folder with ``images/`` + ``masks/`` + ``classes.txt`` (folder pair);
+    - a folder with ``images/`` + ``masks/`` + ``classes.txt`` (folder pair, no splits);
+    - a folder with ``<split>/images/`` + ``<split>/masks/`` (folder pair per split; ``classes.txt`` in
+      ``<split>/`` or in the folder);
     - a folder with ``annotations/instances_<split>.json`` (COCO).
+
+    With `ids` (e.g. from a split manifest) the ids may come from any split of a per-split layout:
+    they are looked up in `split` first, then in the other splits.
     """
     path = Path(path)
     if not path.exists():
@@ -393,9 +400,48 @@ def open_segmentation_dataset(
         return open_voc(path, ids=ids, split=split, **kwargs)
     if (path / "images").is_dir() and (path / "masks").is_dir():
         return open_folder_pair(path / "images", path / "masks", path / "classes.txt", ids=ids, **kwargs)
-    coco = path / "annotations" / f"instances_{split}.json"
-    if coco.exists():
-        return open_coco(coco, ids=ids, **kwargs)
-    raise DatasetError(
-        f"{path}: unknown dataset layout (expected VOC JPEGImages/, images/+masks/+classes.txt, "
-        "or annotations/instances_<split>.json)")
+
+    def pair_split(name: str) -> Callable[..., SegmentationDataset]:
+        folder = path / name
+        classes = folder / "classes.txt" if (folder / "classes.txt").exists() else path / "classes.txt"
+        return lambda **kw: open_folder_pair(folder / "images", folder / "masks", classes, **kw)
+
+    def coco_split(name: str) -> Callable[..., SegmentationDataset]:
+        return lambda **kw: open_coco(path / "annotations" / f"instances_{name}.json", **kw)
+
+    openers: dict[str, Callable[..., SegmentationDataset]] = {}
+    for folder in sorted(p for p in path.iterdir() if (p / "images").is_dir() and (p / "masks").is_dir()):
+        openers[folder.name] = pair_split(folder.name)
+    if not openers and (path / "annotations").is_dir():
+        for file in sorted((path / "annotations").glob("instances_*.json")):
+            openers[file.stem[len("instances_"):]] = coco_split(file.stem[len("instances_"):])
+    if not openers:
+        raise DatasetError(
+            f"{path}: unknown dataset layout (expected VOC JPEGImages/, images/+masks/+classes.txt, "
+            "<split>/images/+<split>/masks/, or annotations/instances_<split>.json)")
+    if ids is None:
+        if split not in openers:
+            raise DatasetError(f"{path}: no split {split!r} (found: {', '.join(openers)})")
+        return openers[split](**kwargs)
+    return _ids_from_splits(path, openers, split, ids, kwargs)
+
+
+def _ids_from_splits(path: Path, openers: dict, split: str, ids: Sequence[str], kwargs: dict) -> SegmentationDataset:
+    """The samples with `ids`, looked up in split `split` first, then in the others (same classes)."""
+    reader_kwargs = {k: kwargs.pop(k) for k in ("images_dir",) if k in kwargs}
+    found: dict[str, Sample] = {}
+    classes: tuple[str, ...] | None = None
+    for name in sorted(openers, key=lambda n: n != split):
+        part = openers[name](**reader_kwargs)
+        if classes is None:
+            classes = part.classes
+        elif part.classes != classes:
+            raise DatasetError(f"{path}: split {name!r} has other classes than split {split!r}")
+        for sample in part.samples:
+            found.setdefault(sample.id, sample)
+        if all(i in found for i in ids):
+            break
+    missing = [i for i in ids if i not in found]
+    if missing:
+        raise DatasetError(f"{path}: id(s) {missing[:3]} not in any split ({', '.join(openers)})")
+    return SegmentationDataset([found[i] for i in ids], classes, name=str(path), **kwargs)

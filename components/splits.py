@@ -104,7 +104,8 @@ def write_search_splits(
     Every input is checked first, so a SplitError leaves `out_dir` untouched."""
     overlap = set(train_ids) & set(test_ids)
     if overlap:
-        raise SplitError(f"split: {len(overlap)} id(s) are both in the training and the test set, e.g. {sorted(overlap)[0]!r}")
+        raise SplitError(f"split: {len(overlap)} id(s) are both in the training and the test set, "
+                         f"e.g. {sorted(overlap)[0]!r}")
     parts = make_split(train_ids, eval_count=eval_count, eval_fraction=eval_fraction, seed=seed)
     out = Path(out_dir)
     for name, ids in (("train", parts.train), ("eval", parts.eval), ("test", list(test_ids))):

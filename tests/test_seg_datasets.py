@@ -124,7 +124,8 @@ def make_folder_pair(shapes: Path, root: Path, ids: list[str]) -> Path:
     (root / "masks").mkdir()
     for sid in ids:
         Image.open(shapes / "JPEGImages" / f"{sid}.png").save(root / "images" / f"{sid}.png")
-        Image.fromarray(pil_array(shapes / "SegmentationClass" / f"{sid}.png"), mode="L").save(root / "masks" / f"{sid}.png")
+        mask = pil_array(shapes / "SegmentationClass" / f"{sid}.png")
+        Image.fromarray(mask, mode="L").save(root / "masks" / f"{sid}.png")
     (root / "classes.txt").write_text("\n".join(SHAPES_CLASSES) + "\n")
     return root
 
@@ -214,6 +215,37 @@ def test_auto_detect_every_layout(shapes, tmp_path):
     ds = open_segmentation_dataset(coco_only, split="train")
     assert ds.ids == train_ids(shapes)
     assert torch.equal(ds[3][1], voc[3][1])
+
+
+def test_auto_detect_per_split_folder_pairs_and_ids_across_splits(shapes, tmp_path):
+    """<split>/images + <split>/masks; ids from a manifest may come from any split (as the re-training
+    opens the test ids)."""
+    root = tmp_path / "pairs"
+    make_folder_pair(shapes, root / "train", train_ids(shapes)[:4])
+    make_folder_pair(shapes, root / "val", ["val_00000", "val_00001"])
+    (root / "val" / "classes.txt").unlink()
+    (root / "classes.txt").write_text("\n".join(SHAPES_CLASSES) + "\n")  # shared class list
+    assert open_segmentation_dataset(root).ids == train_ids(shapes)[:4]
+    val = open_segmentation_dataset(root, split="val")
+    assert val.ids == ["val_00000", "val_00001"] and val.classes == SHAPES_CLASSES
+    mixed = open_segmentation_dataset(root, ids=["val_00001", "train_00002"], size=32)
+    assert mixed.ids == ["val_00001", "train_00002"] and mixed[0][1].shape == (32, 32)
+    assert torch.equal(open_segmentation_dataset(root, ids=["val_00001"])[0][1], val[1][1])
+    one_line_error(lambda: open_segmentation_dataset(root, split="test"), str(root), "'test'", "train, val")
+    one_line_error(lambda: open_segmentation_dataset(root, ids=["train_00000", "nope"]), str(root), "'nope'")
+    (root / "val" / "classes.txt").write_text("background\nthing\n")
+    one_line_error(lambda: open_segmentation_dataset(root, ids=["val_00000"]), str(root), "other classes")
+
+
+def test_coco_folder_ids_across_splits(shapes, tmp_path):
+    root = tmp_path / "coco"
+    shutil.copytree(shapes / "annotations", root / "annotations")
+    shutil.copytree(shapes / "JPEGImages", root / "images")
+    ds = open_segmentation_dataset(root, ids=["val_00002", "train_00001"])
+    assert ds.ids == ["val_00002", "train_00001"]
+    voc = open_voc(shapes, ids=["val_00002", "train_00001"])
+    assert all(torch.equal(ds[k][1], voc[k][1]) for k in range(2))
+    one_line_error(lambda: open_segmentation_dataset(root, split="test"), str(root), "'test'")
 
 
 # ------------------------------------------------------------------------------------------- options
