@@ -1,0 +1,115 @@
+"""Final re-training: comparison table over losses and seeds, written as Markdown and JSON."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from components.errors import LossforgeError
+from components.loss_registry import build_loss
+from components.retrain import (
+    PAPER_RETRAIN,
+    ComparisonRow,
+    ComparisonTable,
+    RetrainConfig,
+    baseline_losses,
+    retrain_and_compare,
+    write_table,
+)
+from components.seg_models import model_preset
+from components.segmentation_metrics import METRIC_NAMES
+from components.shapes_dataset import SHAPES_CLASSES, render_scene
+
+
+class Scenes(Dataset):
+    """Embedded shapes scenes rendered in memory (image (3,H,W) float, mask (H,W) long)."""
+
+    def __init__(self, n, size, seed):
+        rng = np.random.default_rng(seed)
+        scenes = [render_scene(rng, size) for _ in range(n)]
+        self.items = [(torch.from_numpy(s.image).permute(2, 0, 1).float() / 255,
+                       torch.from_numpy(s.labels.astype(np.int64))) for s in scenes]
+        self.num_classes = len(SHAPES_CLASSES)
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        return self.items[i]
+
+
+class AlwaysNan(nn.Module):
+    def forward(self, logits, target):
+        return logits.sum() * math.nan
+
+
+def _table():
+    rows = [
+        ComparisonRow("searched", "ok", {m: 0.5 for m in METRIC_NAMES} | {"mIoU": 0.8, "BF1": 0.3}),
+        ComparisonRow("ce", "ok", {m: 0.5 for m in METRIC_NAMES} | {"mIoU": 0.7, "BF1": 0.4, "gAcc": 0.9}),
+        ComparisonRow("bad", "nan", iterations=3, message="loss was nan at iteration 3"),
+    ]
+    return ComparisonTable("mIoU", rows, METRIC_NAMES, (0,), {})
+
+
+def test_best_per_column_and_markdown_marks():
+    table = _table()
+    assert table.best("mIoU") == ["searched"]
+    assert table.best("BF1") == ["ce"]
+    assert table.best("mAcc") == ["searched", "ce"]  # ties are all best
+    md = table.to_markdown()
+    header = next(line for line in md.splitlines() if line.startswith("| loss"))
+    assert "**mIoU** (target)" in header and "| gAcc |" in header
+    searched = next(line for line in md.splitlines() if line.startswith("| searched"))
+    assert searched == "| searched | ok | 50.00 | **50.00** | **80.00** | **50.00** | **50.00** | 30.00 |"
+    bad = next(line for line in md.splitlines() if line.startswith("| bad"))
+    assert bad.count("—") == len(METRIC_NAMES) and "nan (it 3)" in bad
+    assert "- bad: loss was nan at iteration 3" in md
+
+
+def test_json_round_trip_marks_target_and_best(tmp_path):
+    table = _table()
+    md_path, json_path = write_table(table, tmp_path / "cmp" / "table.md", tmp_path / "cmp" / "table.json")
+    data = json.loads(json_path.read_text())
+    assert data["format"] == "lossforge.comparison/1" and data["target_metric"] == "mIoU"
+    assert data["best"]["mIoU"] == ["searched"] and data["best"]["gAcc"] == ["ce"]
+    assert data["rows"][2]["metrics"] == {} and data["rows"][2]["status"] == "nan"
+    again = ComparisonTable.from_dict(data)
+    assert again.to_markdown() == md_path.read_text()
+    with pytest.raises(LossforgeError, match="format"):
+        ComparisonTable.from_dict({**data, "format": "other/1"})
+    with pytest.raises(LossforgeError, match="no loss 'x'"):
+        table.row("x")
+
+
+def test_retrain_and_compare_trains_every_loss_over_seeds(tmp_path):
+    train, test = Scenes(6, 32, seed=0), Scenes(4, 32, seed=1)
+    cfg = RetrainConfig(model=model_preset("lite", input_size=32), iterations=3, batch_size=2, eval_batch_size=4,
+                        device="cpu")
+    losses = {"ce": build_loss("ce"), "soft_iou": build_loss("soft_iou"), "broken": AlwaysNan()}
+    ticks = []
+    table = retrain_and_compare(losses, train, test, cfg, "BIoU", seeds=[0, 1],
+                                on_progress=lambda i, t, v: ticks.append((i, t)))
+    assert ticks == [(i, 6) for i in range(1, 7)]
+    assert [r.name for r in table.rows] == ["ce", "soft_iou", "broken"]
+    assert table.target_metric == "BIoU" and table.seeds == (0, 1)
+    for name in ("ce", "soft_iou"):
+        row = table.row(name)
+        assert row.status == "ok" and set(row.metrics) == set(METRIC_NAMES)
+        assert all(0 <= v <= 1 for v in row.metrics.values())
+        assert all(v >= 0 for v in row.std.values())
+    assert table.row("broken").status == "nan" and table.row("broken").iterations == 1
+    md, js = write_table(table, tmp_path / "t.md", tmp_path / "t.json")
+    assert "**BIoU** (target)" in md.read_text()
+    assert json.loads(js.read_text())["config"]["config_class"] == "RetrainConfig"
+
+
+def test_baselines_and_paper_settings():
+    built = baseline_losses(["ce", {"type": "focal", "gamma": 1.0}], num_classes=8)
+    assert list(built) == ["ce", "focal(gamma=1.0)"]
+    assert PAPER_RETRAIN.model.encoder == "resnet101" and PAPER_RETRAIN.model.input_size == 512
+    assert RetrainConfig().iterations > 150  # a longer schedule than the proxy default
