@@ -55,7 +55,7 @@ def make_shapes(
 @app.command("split")
 @user_errors
 def split(
-    data: Path = typer.Option(Path("data/shapes"), "--data", help="Dataset: VOC folder, images/+masks/ folder "
+    data: Path = typer.Option(Path("data/shapes"), "--data", help="Dataset: VOC folder, images/+masks/ folder(s) "
                               "or COCO layout."),
     out: Path = typer.Option(Path("data/splits"), "--out", help="Folder for train.txt, eval.txt and test.txt."),
     eval_count: Optional[int] = typer.Option(None, "--eval-count", help="Training images held out as S_eval."),
