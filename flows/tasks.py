@@ -51,17 +51,13 @@ def prepare_data(data: Mapping[str, Any]) -> str:
 def split_dataset(data_path: str, split: Mapping[str, Any]) -> dict[str, str]:
     """Carve S_train / S_eval from the training images and write the manifests (+ the test manifest)."""
     from components.seg_datasets import open_segmentation_dataset
-    from components.splits import make_split, write_manifest
+    from components.splits import write_search_splits
 
     train = open_segmentation_dataset(data_path, split="train")
     test = open_segmentation_dataset(data_path, split="val")
-    parts = make_split(list(train.ids), eval_count=split.get("eval_count"),
-                       eval_fraction=split.get("eval_fraction"), seed=split.get("seed", 0))
-    folder = Path(split["dir"])
-    out = {}
-    for name, ids in (("train", parts.train), ("eval", parts.eval), ("test", list(test.ids))):
-        out[name] = str(write_manifest(folder / f"{name}.txt", list(ids)))
-    return out
+    paths = write_search_splits(list(train.ids), list(test.ids), split["dir"], eval_count=split.get("eval_count"),
+                                eval_fraction=split.get("eval_fraction"), seed=split.get("seed", 0))
+    return {name: str(path) for name, path in paths.items()}
 
 
 def open_split(data_path: str, manifests: str | list[str] | tuple[str, ...]) -> Any:
