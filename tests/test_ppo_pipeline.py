@@ -175,10 +175,23 @@ def _search_runs(folder: Path):
     return client, parent[0], cands
 
 
+def _run_flow_here(folder: Path, api_url: str, monkeypatch) -> dict:
+    """`lossforge search --no-retrain` in this process (the same Prefect flow, no interpreter start-up)."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from flows.run_config import resolve_params
+    from flows.search_flow import stages_flow
+
+    monkeypatch.chdir(folder)
+    monkeypatch.setenv("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
+    with temporary_settings(updates={PREFECT_API_URL: api_url}):
+        return stages_flow(resolve_params("params.yaml"), ["prepare", "split", "search"])
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(400)
-def test_ppo_search_through_the_flow_killed_and_resumed(tmp_path):
-    from test_flows_support import PYTHON, cli, env, prefect_server, write_tiny_params
+def test_ppo_search_through_the_flow_killed_and_resumed(tmp_path, monkeypatch):
+    from test_flows_support import PYTHON, env, prefect_server, write_tiny_params
 
     server = prefect_server()
     write_tiny_params(tmp_path, search={"method": "ppo", "budget": 6, "workers": 2},
@@ -198,8 +211,7 @@ def test_ppo_search_through_the_flow_killed_and_resumed(tmp_path):
     before = _results(tmp_path)
     assert 2 <= len(before) < 6
 
-    done = cli(["search", "--no-retrain"], tmp_path, PREFECT_API_URL=server.url)
-    assert done.returncode == 0, done.stderr[-3000:]
+    _run_flow_here(tmp_path, server.url, monkeypatch)  # resume: the same search, in this process
     after = _results(tmp_path)
     assert len(after) == 6
     for name, text in before.items():  # finished samples were read back, never trained again
@@ -223,7 +235,7 @@ def test_ppo_search_through_the_flow_killed_and_resumed(tmp_path):
             assert run.data.metrics["advantage"] == pytest.approx(rec["target"] - mu_target[rec["step"]])
     # μ per step on the parent run: each step exactly once despite the kill
     names = [k for k in parent.data.metrics if k.startswith("mu.")]
-    assert len(names) == 4  # mIoU: 2 curves x 2 free parameters (Bézier, 2 pieces)
+    assert len(names) == len(state["policy_history"][0]["mu"]) == 12  # mIoU: 2 curves x 6 (Bézier, 2 pieces)
     for name in names:
         hist = client.get_metric_history(parent.info.run_id, name)
         assert sorted(m.step for m in hist) == [0, 1]
@@ -249,15 +261,14 @@ def test_ppo_search_through_the_flow_killed_and_resumed(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-def test_combined_miou_bf1_surrogate_search(tmp_path):
-    from test_flows_support import cli, prefect_server, write_tiny_params
+def test_combined_miou_bf1_surrogate_search(tmp_path, monkeypatch):
+    from test_flows_support import prefect_server, write_tiny_params
 
     server = prefect_server()
     write_tiny_params(tmp_path, search={"method": "ppo", "budget": 2, "workers": 2},
                       ppo={"samples": 2, "steps": 1, "baseline": "mean", "metrics": {"mIoU": 1, "BF1": 1}},
                       tracking={"enabled": False})
-    done = cli(["search", "--no-retrain"], tmp_path, PREFECT_API_URL=server.url)
-    assert done.returncode == 0, done.stderr[-3000:]
+    _run_flow_here(tmp_path, server.url, monkeypatch)
     spec = load_surrogate(tmp_path / "losses" / "segmentation-mIoU" / "best.json")
     assert spec.metrics == {"mIoU": 1.0, "BF1": 1.0} and len(spec.curve_names()) == 6
     # with the "mean" baseline the result is μ_0 = the identity initialisation (only one step)
