@@ -365,7 +365,7 @@ def _screen(graph, problem, config: ScreeningConfig, cache, start: float, progre
     if cache is not None:
         hit = cache.get_screening(fingerprint, config.digest())
         if hit is not None:
-            return replace(hit, seconds=time.perf_counter() - start, cached=True, fingerprint=fingerprint)
+            return replace(hit, seconds=time.perf_counter() - start, cached=True, fingerprint=fingerprint, steps_run=0)
 
     if objective.is_constant() or not bool(grad.any()):
         # SGD never moves the predictions: g = 0 exactly.
@@ -530,8 +530,12 @@ def screen_many(
     cache: "EquivalenceCache | None" = None,
     workers: int = 1,
 ) -> list[ScreeningResult]:
-    """Screen candidates in order; with workers > 1 a fork-based process pool screens distinct
-    fingerprints in parallel (graphs travel as JSON). Results equal `screen` one by one."""
+    """Screen candidates in order; equal to calling `screen` on each in turn with the same cache.
+
+    With workers > 1 the gradient-duplicates are resolved in this process first and the remaining
+    candidates are screened by a fork-based process pool (graphs travel as JSON, one torch thread per
+    worker). If the pool cannot be used, the candidates are screened here instead.
+    """
     config = config or ScreeningConfig()
     if workers <= 1 or len(graphs) < 2:
         return [screen(g, problem, config, cache) for g in graphs]
@@ -540,34 +544,42 @@ def screen_many(
 
     import multiprocessing
 
-    # Resolve gradient-duplicates in the parent first: only the first of each fingerprint is screened.
     local = cache if cache is not None else EquivalenceCache(None, problem.key)
     digest = config.digest()
     fps = [gradient_fingerprint_or_none(g, problem, config.samples) for g in graphs]
-    todo: dict[tuple, int] = {}
-    jobs: list[int] = []
+    first: set[tuple] = set()
+    jobs: list[int] = []  # the first candidate of each unseen fingerprint, and every fingerprint-less one
     for i, fp in enumerate(fps):
-        if fp is None or (local.get_screening(fp, digest) is None and fp not in todo):
-            if fp is not None:
-                todo[fp] = i
+        if fp is None:
+            jobs.append(i)
+        elif fp not in first and local.get_screening(fp, digest) is None:
+            first.add(fp)
             jobs.append(i)
     results: list[ScreeningResult | None] = [None] * len(graphs)
-    ctx = multiprocessing.get_context("fork")
     threads = torch.get_num_threads()
-    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_worker_init,
-                             initargs=(problem, config)) as pool:
-        payloads = [json.dumps(graph_to_dict(graphs[i])) for i in jobs]
-        for i, res in zip(jobs, pool.map(_worker_screen, payloads, chunksize=1)):
-            results[i] = ScreeningResult.from_dict(res)
-    torch.set_num_threads(threads)
-    for i, g in enumerate(graphs):
+    try:
+        ctx = multiprocessing.get_context("fork")
+        with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_worker_init,
+                                 initargs=(problem, config)) as pool:
+            payloads = [json.dumps(graph_to_dict(graphs[i])) for i in jobs]
+            for i, res in zip(jobs, pool.map(_worker_screen, payloads, chunksize=1)):
+                results[i] = ScreeningResult.from_dict(res)
+    except (OSError, ValueError, RuntimeError) as exc:  # no fork, broken pool, ...: screen here
+        for i in jobs:
+            results[i] = None
+        del exc
+    finally:
+        torch.set_num_threads(threads)
+    for i, graph in enumerate(graphs):
         res = results[i]
-        if res is not None:
-            if res.fingerprint is not None:
-                local.put_screening(res.fingerprint, res, digest, g)
-            continue
-        hit = local.get_screening(fps[i], digest)
-        results[i] = replace(hit, cached=True, seconds=0.0, fingerprint=fps[i])
+        if res is None:
+            hit = local.get_screening(fps[i], digest) if fps[i] is not None else None
+            if hit is not None:
+                results[i] = replace(hit, cached=True, seconds=0.0, fingerprint=fps[i], steps_run=0)
+            else:
+                results[i] = screen(graph, problem, config, local)
+        elif res.fingerprint is not None:
+            local.put_screening(res.fingerprint, res, digest, graph)
     return results  # type: ignore[return-value]
 
 

@@ -48,6 +48,15 @@ def problem(items):
     return build_screening_problem(items, "mIoU", num_classes=len(SHAPES_CLASSES), samples=3, size=16, seed=0)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One torch thread: on a small shared CPU, more threads only add contention."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 CE = seg(N("neg", N("log", N("mul", L("y_hat"), L("y")))))
 
 

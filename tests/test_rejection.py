@@ -45,6 +45,21 @@ def problem():
                                    size=24, seed=0)
 
 
+@pytest.fixture(scope="module")
+def small_problem():
+    """The same kind of probe, smaller (3 samples at 12²), for the many-candidate comparisons."""
+    return build_screening_problem(shapes_items(8), "mIoU", num_classes=len(SHAPES_CLASSES), samples=3,
+                                   size=12, seed=1)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 CE = seg(N("neg", N("log", N("mul", L("y_hat"), L("y")))))
 PAPER = ScreeningConfig(steps=150)  # paper protocol (lr 1e-3, momentum 0.9, η 0.6), fewer steps for speed
 
@@ -103,41 +118,44 @@ def _stream(n, seed=0):
     return out
 
 
-def test_fast_screen_agrees_with_naive_reference(problem):
+def test_fast_screen_agrees_with_naive_reference(small_problem):
     """Batched + folded + early exits give the reference's verdicts, reasons, scores and fingerprints."""
-    cfg = ScreeningConfig(steps=30, threshold=0.05)
-    for graph in _stream(14, seed=3):
-        fast, naive = screen(graph, problem, cfg), screen_naive(graph, problem, cfg)
+    cfg = ScreeningConfig(samples=3, steps=30, lr=0.05, threshold=0.05)
+    for graph in _stream(16, seed=3):
+        fast, naive = screen(graph, small_problem, cfg), screen_naive(graph, small_problem, cfg)
         assert (fast.accepted, fast.reason, fast.fingerprint) == (naive.accepted, naive.reason, naive.fingerprint), graph.canonical()
         if naive.score is not None:
             assert fast.score == pytest.approx(naive.score, abs=1e-9), graph.canonical()
 
 
-def test_folded_objective_equals_tree_evaluation(problem):
+def test_folded_objective_equals_tree_evaluation(small_problem):
     """ProbeObjective (constant sub-trees folded, samples batched) = per-sample Σ of LossTree.evaluate."""
+    problem = small_problem
     pred = problem.init_predictions
     for graph in _stream(12, seed=5):
-        objective = ProbeObjective(graph, problem, samples=5)
+        objective = ProbeObjective(graph, problem, samples=3)
         inputs = problem.build_inputs(pred, problem.targets)["seg"]
         with torch.no_grad():
             expected = torch.stack([graph.branches["seg"].tree.evaluate({k: v[b:b + 1] for k, v in inputs.items()}).sum()
-                                    for b in range(5)])
+                                    for b in range(3)])
             got = objective.per_sample(pred)
         assert torch.allclose(got, expected, rtol=1e-5, atol=1e-5, equal_nan=True), graph.canonical()
 
 
-def test_screening_is_deterministic_and_frozen_exit_is_exact(problem):
-    cfg = ScreeningConfig(steps=40, threshold=0.05)
-    slow = ScreeningConfig(steps=40, threshold=0.05, stop_when_frozen=False)
+def test_screening_is_deterministic_and_frozen_exit_is_exact(small_problem):
+    problem = small_problem
+    cfg = ScreeningConfig(samples=3, steps=40, lr=0.05, threshold=0.05)
+    slow = ScreeningConfig(samples=3, steps=40, lr=0.05, threshold=0.05, stop_when_frozen=False)
     for graph in _stream(8, seed=7):
         a, b, c = screen(graph, problem, cfg), screen(graph, problem, cfg), screen(graph, problem, slow)
         assert (a.accepted, a.score, a.reason, a.fingerprint) == (b.accepted, b.score, b.reason, b.fingerprint)
         assert (a.accepted, a.score, a.reason) == (c.accepted, c.score, c.reason)
 
 
-def test_screen_many_with_processes_equals_sequential(problem):
-    graphs = _stream(6, seed=11) + [CE]
-    cfg = ScreeningConfig(steps=20, threshold=0.05)
+def test_screen_many_with_processes_equals_sequential(small_problem):
+    problem = small_problem
+    graphs = _stream(8, seed=11) + [CE]
+    cfg = ScreeningConfig(samples=3, steps=20, lr=0.05, threshold=0.05)
     seq = [screen(g, problem, cfg) for g in graphs]
     par = screen_many(graphs, problem, cfg, workers=2)
     assert [(r.accepted, r.reason, r.score) for r in par] == [(r.accepted, r.reason, r.score) for r in seq]

@@ -45,6 +45,15 @@ def dataset():
     return ItemsDataset(shapes_items(8, size=32))
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One torch thread: on a small shared CPU, more threads only add contention."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def test_graph_ce_equals_torch_cross_entropy():
     torch.manual_seed(0)
     logits = torch.randn(2, 4, 5, 6, dtype=torch.float64)

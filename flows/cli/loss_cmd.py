@@ -148,7 +148,8 @@ def check(
     verdict = "[bold green]accepted[/]" if result.accepted else "[bold red]rejected[/]"
     g = "n/a" if result.score is None else f"{result.score:.4f}"
     console.print(f"g = {g}  (threshold η = {threshold:g})")
-    console.print(f"verdict: {verdict} ({result.reason})", markup=True)
+    reason = "" if result.accepted else f" ({result.reason})"
+    console.print(f"verdict: {verdict}{reason}", markup=True)
     fp = "none" if result.fingerprint is None else ", ".join(f"{v:g}" for v in result.fingerprint)
     console.print(f"gradient fingerprint: {fp}; {result.steps_run} steps in {result.seconds:.1f} s")
 
