@@ -176,3 +176,24 @@ def test_config_validation():
 def test_more_samples_than_probe_is_an_error_result(problem):
     r = screen(CE, problem, ScreeningConfig(samples=6, steps=5))
     assert not r.accepted and r.reason.startswith("error: ") and "6 samples" in r.reason
+
+
+def test_ignored_pixels_are_masked_in_the_objective():
+    rng = np.random.default_rng(3)
+    items = []
+    for _ in range(3):
+        scene = render_scene(rng, image_size=32, ignore_band=2)
+        items.append((torch.from_numpy(scene.image).permute(2, 0, 1).float() / 255.0,
+                      torch.from_numpy(scene.labels.astype(np.int64))))
+    problem = build_screening_problem(items, "mIoU", num_classes=len(SHAPES_CLASSES), samples=3, size=16, seed=0)
+    assert problem.valid is not None and problem.valid.min() == 0
+    square = seg(N("square", L("y_hat")))  # non-zero at every pixel, so masking is visible
+    got = ProbeObjective(square, problem, samples=3).per_sample(problem.init_predictions)
+    p = torch.softmax(problem.init_predictions, dim=-3)
+    keep = (problem.targets != 255).unsqueeze(-3)
+    expected = (p.square() * keep).flatten(1).sum(dim=1)
+    assert torch.allclose(got, expected, rtol=1e-5)
+    cfg = ScreeningConfig(samples=3, steps=20, lr=0.05, threshold=0.05)
+    fast, naive = screen(CE, problem, cfg), screen_naive(CE, problem, cfg)
+    assert fast.accepted and (fast.reason, fast.fingerprint) == (naive.reason, naive.fingerprint)
+    assert fast.score == pytest.approx(naive.score, abs=1e-9)
