@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import TYPE_CHECKING, Any, Literal, Optional
 
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
@@ -31,7 +31,9 @@ from flows.run_config import data_spec, losses_dir, reports_dir, resolve_params,
 from flows.task_runners import make_task_runner
 from flows.tasks import open_split, prepare_data, proxy_training, read_result, split_dataset
 from flows.timing import Timeline
-from flows.tracking import SearchTracker, resolve_tracking_uri
+
+if TYPE_CHECKING:
+    from flows.tracking import SearchTracker
 
 Metric = Literal["gAcc", "mAcc", "mIoU", "FWIoU", "BIoU", "BF1"]
 Method = Literal["evolution", "ppo"]
@@ -44,6 +46,7 @@ def make_tracker(params: Params) -> SearchTracker | None:
     """The MLflow tracker of this search (None when tracking is disabled)."""
     if not params.tracking.enabled:
         return None
+    from flows.tracking import SearchTracker, resolve_tracking_uri  # mlflow is imported only when tracking
     flat = {"search_id": params.search_id, "profile": params.profile}
     for section in ("data", "split", "search"):
         for key, value in getattr(params, section).model_dump().items():
@@ -171,6 +174,7 @@ def search_loop_flow(params: Params, data: dict[str, str]) -> dict[str, Any]:
     proxy_cfg = params.config("proxy")
     workers = params.search.workers
     threads = max(1, (os.cpu_count() or 1) // workers)
+    torch_threads_before = _torch_threads()
     group = params.search.losses_per_training
     in_flight: dict[Any, list[dict[str, Any]]] = {}
     budget = params.search.budget
@@ -220,6 +224,7 @@ def search_loop_flow(params: Params, data: dict[str, str]) -> dict[str, Any]:
         record_results(results)
 
     timeline.end = time.time()
+    _torch_threads(torch_threads_before)  # the trainings shared the cores; give them all back
     summary = write_search_outputs(params, method, timeline)
     if tracker is not None:
         best = summary.get("best") or {}
@@ -235,6 +240,15 @@ def search_loop_flow(params: Params, data: dict[str, str]) -> dict[str, Any]:
             method.log_tracking(tracker, final=True)
         tracker.finish()
     return summary
+
+
+def _torch_threads(value: int | None = None) -> int:
+    """torch's intra-op thread count (process-wide); set it when `value` is given."""
+    import torch
+
+    if value is not None:
+        torch.set_num_threads(value)
+    return torch.get_num_threads()
 
 
 def _reported(method: SearchMethod) -> int:
