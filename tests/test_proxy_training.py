@@ -15,7 +15,8 @@ from components.proxy_training import PAPER_PROXY, ProxyConfig, poly_lr, train_p
 from components.seg_losses import BASELINE_LOSSES
 from components.seg_models import model_preset
 from components.segmentation_metrics import METRIC_NAMES
-from components.shapes_dataset import SHAPES_CLASSES, render_scene
+from components.seg_datasets import open_voc
+from components.shapes_dataset import SHAPES_CLASSES, generate_shapes, render_scene
 
 TINY = ProxyConfig(model=model_preset("lite", input_size=32), iterations=4, batch_size=2, eval_batch_size=4,
                    lr=0.01, device="cpu", seed=0)
@@ -63,8 +64,10 @@ class Blobs(Dataset):
 
 
 @pytest.fixture(scope="module")
-def data():
-    return Scenes(8, 32, seed=0), Scenes(4, 32, seed=1)
+def data(tmp_path_factory):
+    """The embedded shapes dataset written to disk (VOC layout) and read back: 8 train, 4 val images of 32²."""
+    root = generate_shapes(tmp_path_factory.mktemp("shapes") / "shapes", num_train=8, num_test=4, image_size=32, seed=0)
+    return open_voc(root, list_file="train"), open_voc(root, list_file="val")
 
 
 class NanAt(nn.Module):

@@ -3,11 +3,8 @@
 import json
 import math
 
-import numpy as np
 import pytest
-import torch
 from torch import nn
-from torch.utils.data import Dataset
 
 from components.errors import LossforgeError
 from components.loss_registry import build_loss
@@ -22,24 +19,8 @@ from components.retrain import (
 )
 from components.seg_models import model_preset
 from components.segmentation_metrics import METRIC_NAMES
-from components.shapes_dataset import SHAPES_CLASSES, render_scene
-
-
-class Scenes(Dataset):
-    """Embedded shapes scenes rendered in memory (image (3,H,W) float, mask (H,W) long)."""
-
-    def __init__(self, n, size, seed):
-        rng = np.random.default_rng(seed)
-        scenes = [render_scene(rng, size) for _ in range(n)]
-        self.items = [(torch.from_numpy(s.image).permute(2, 0, 1).float() / 255,
-                       torch.from_numpy(s.labels.astype(np.int64))) for s in scenes]
-        self.num_classes = len(SHAPES_CLASSES)
-
-    def __len__(self):
-        return len(self.items)
-
-    def __getitem__(self, i):
-        return self.items[i]
+from components.seg_datasets import open_voc
+from components.shapes_dataset import generate_shapes
 
 
 class AlwaysNan(nn.Module):
@@ -87,7 +68,8 @@ def test_json_round_trip_marks_target_and_best(tmp_path):
 
 
 def test_retrain_and_compare_trains_every_loss_over_seeds(tmp_path):
-    train, test = Scenes(6, 32, seed=0), Scenes(4, 32, seed=1)
+    root = generate_shapes(tmp_path / "shapes", num_train=6, num_test=4, image_size=32, seed=0)
+    train, test = open_voc(root, list_file="train"), open_voc(root, list_file="val")
     cfg = RetrainConfig(model=model_preset("lite", input_size=32), iterations=3, batch_size=2, eval_batch_size=4,
                         device="cpu")
     losses = {"ce": build_loss("ce"), "soft_iou": build_loss("soft_iou"), "broken": AlwaysNan()}
