@@ -242,6 +242,16 @@ def search_loop_flow(params: Params, data: dict[str, str]) -> dict[str, Any]:
     return summary
 
 
+def _share_api_url_with_workers() -> None:
+    """Worker processes must talk to this process's Prefect API (the embedded server when none is set)."""
+    if os.environ.get("PREFECT_API_URL"):
+        return
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        os.environ["PREFECT_API_URL"] = str(client.api_url).rstrip("/")
+
+
 def _torch_threads(value: int | None = None) -> int:
     """torch's intra-op thread count (process-wide); set it when `value` is given."""
     import torch
@@ -344,6 +354,8 @@ def run_stages(params: Params, stages: tuple[str, ...] = STAGES) -> dict[str, An
         elif stage == "split":
             data = split_flow(params)
         elif stage == "search":
+            if params.search.runner == "processes":
+                _share_api_url_with_workers()
             runner = make_task_runner(params.search.runner, params.search.workers)
             out["search"] = search_loop_flow.with_options(task_runner=runner)(params, data or data_spec(params))
         elif stage == "retrain":
