@@ -22,7 +22,7 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.futures import as_completed
 
-from components.atomic_io import read_json, write_json_atomic
+from components.atomic_io import write_json_atomic
 from components.errors import LossforgeError
 from components.params import Params
 from flows import progress
@@ -38,7 +38,6 @@ if TYPE_CHECKING:
 Metric = Literal["gAcc", "mAcc", "mIoU", "FWIoU", "BIoU", "BF1"]
 Method = Literal["evolution", "ppo"]
 Runner = Literal["threads", "processes", "ray", "dask"]
-STATE_META = "search.json"
 
 
 # ------------------------------------------------------------------------------------------ parameters

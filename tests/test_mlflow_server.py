@@ -1,5 +1,6 @@
-"""A tiny search logged to a real `mlflow server` on localhost: experiment, parent run (params, funnel,
-best loss, comparison table, progress plot) and one nested run per evaluated candidate with artifacts."""
+"""A tiny search (proxy trainings in worker processes) logged to a real `mlflow server` on localhost:
+experiment, parent run (params, funnel, best loss, comparison table, progress plot) and one nested run per
+evaluated candidate with artifacts."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ def test_search_logged_to_mlflow_server(tmp_path):
     try:
         project = tmp_path / "project"
         project.mkdir()
-        write_tiny_params(project, tracking={"uri": server.url})
+        write_tiny_params(project, tracking={"uri": server.url}, search={"runner": "processes"})
         done = cli(["search"], project, PREFECT_API_URL=prefect_server().url)
         assert done.returncode == 0, done.stderr[-3000:]
         summary = json.loads((project / "losses" / "segmentation-mIoU" / "search.json").read_text())
