@@ -175,17 +175,16 @@ def _search_runs(folder: Path):
     return client, parent[0], cands
 
 
-def _run_flow_here(folder: Path, api_url: str, monkeypatch) -> dict:
-    """`lossforge search --no-retrain` in this process (the same Prefect flow, no interpreter start-up)."""
-    from prefect.settings import PREFECT_API_URL, temporary_settings
+def _run_flow_here(folder: Path, api_url: str, monkeypatch=None) -> None:
+    """`lossforge search --no-retrain` in a fresh process against the test's Prefect server.
 
-    from flows.run_config import resolve_params
-    from flows.search_flow import stages_flow
+    (In-process runs late in a long pytest session hit Prefect's console log handler holding a stream
+    that pytest already closed, so the flow runs where a user would run it: in its own process.)"""
+    from test_flows_support import PYTHON, env
 
-    monkeypatch.chdir(folder)
-    monkeypatch.setenv("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
-    with temporary_settings(updates={PREFECT_API_URL: api_url}):
-        return stages_flow(resolve_params("params.yaml"), ["prepare", "split", "search"])
+    done = subprocess.run([PYTHON, "-m", "flows.cli", "search", "--no-retrain"], cwd=folder,
+                          env=env(PREFECT_API_URL=api_url), capture_output=True, text=True, timeout=360)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
 
 
 @pytest.mark.slow
