@@ -478,6 +478,22 @@ def _is_replaceable(out: Path) -> bool:
         return False
 
 
+def ensure_shapes(out_dir: str | os.PathLike, num_train: int = 400, num_test: int = 100, image_size: int = 128,
+                  seed: int = 0, **options) -> Path:
+    """Generate the embedded dataset into `out_dir` unless a dataset with the same parameters is already there."""
+    root = Path(out_dir)
+    meta = root / "dataset.json"
+    wanted = {"num_train": num_train, "num_test": num_test, "image_size": image_size, "seed": seed, **options}
+    if meta.exists():
+        try:
+            have = json.loads(meta.read_text(encoding="utf-8")).get("params", {})
+        except (OSError, json.JSONDecodeError, AttributeError):
+            have = {}
+        if isinstance(have, dict) and all(have.get(k) == v for k, v in wanted.items()):
+            return root
+    return generate_shapes(root, num_train, num_test, image_size, seed, **options)
+
+
 def generate_shapes(
     out_dir: str | os.PathLike,
     num_train: int = 400,

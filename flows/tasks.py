@@ -26,21 +26,11 @@ RESULT_FORMAT = "lossforge.proxy-result/1"
 @task(name="prepare-data", retries=1, retry_delay_seconds=1, cache_policy=NO_CACHE)
 def prepare_data(data: Mapping[str, Any]) -> str:
     """Generate the embedded shapes dataset (if `data.generate`) or check the user's dataset exists."""
-    from components.shapes_dataset import generate_shapes
+    from components.shapes_dataset import ensure_shapes
 
     path = Path(data["path"])
     if data["generate"]:
-        meta = path / "dataset.json"
-        wanted = {k: data[k] for k in ("num_train", "num_test", "image_size", "seed")}
-        if meta.exists():
-            try:
-                info = read_json(meta)
-                have = {k: info.get("config", info).get(k) for k in wanted}
-            except LossforgeError:
-                have = {}
-            if have == wanted:
-                return str(path)
-        generate_shapes(path, **wanted)
+        ensure_shapes(path, **{k: data[k] for k in ("num_train", "num_test", "image_size", "seed")})
         return str(path)
     if not path.exists():
         raise LossforgeError(f"data.path: dataset not found: {path}")

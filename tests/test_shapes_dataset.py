@@ -316,3 +316,18 @@ def test_progress_callback_counts_every_image(tmp_path):
     calls = []
     generate_shapes(tmp_path / "p", 3, 2, SIZE, 0, progress=lambda done, total: calls.append((done, total)))
     assert calls == [(k, 5) for k in range(1, 6)]
+
+
+def test_ensure_shapes_reuses_a_matching_dataset_and_regenerates_on_change(tmp_path):
+    from components.shapes_dataset import ensure_shapes
+
+    root = tmp_path / "shapes"
+    ensure_shapes(root, num_train=4, num_test=2, image_size=32, seed=0)
+    image = root / "JPEGImages" / "train_00000.jpg"
+    image.touch()  # a new mtime shows whether the next call rewrote the file
+    touched = image.stat().st_mtime_ns
+    ensure_shapes(root, num_train=4, num_test=2, image_size=32, seed=0)
+    assert image.stat().st_mtime_ns == touched  # same parameters: nothing rewritten
+    ensure_shapes(root, num_train=4, num_test=2, image_size=32, seed=1)
+    assert image.stat().st_mtime_ns != touched  # another seed: regenerated
+    assert len(list((root / "JPEGImages").glob("*.jpg"))) == 6
