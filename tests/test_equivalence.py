@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
 import torch
 
@@ -16,26 +15,14 @@ from components.equivalence import (
     parse_fingerprint_key,
 )
 from components.errors import LossforgeError
-from components.loss_graph import LossGraph, Node
+from components.loss_graph import Node
 from components.rejection import ScreeningConfig, ScreeningResult, round_significant, screen
 from components.segmentation_task import build_screening_problem
-from components.shapes_dataset import SHAPES_CLASSES, render_scene
+from components.shapes_dataset import SHAPES_CLASSES
+
+from screening_support import seg, shapes_items
 
 L, N = Node.leaf, Node.apply
-
-
-def seg(root: Node) -> LossGraph:
-    return LossGraph.single("segmentation", "seg", root)
-
-
-def shapes_items(n: int, size: int = 32, seed: int = 0):
-    rng = np.random.default_rng(seed)
-    out = []
-    for _ in range(n):
-        scene = render_scene(rng, image_size=size)
-        out.append((torch.from_numpy(scene.image).permute(2, 0, 1).float() / 255.0,
-                    torch.from_numpy(scene.labels.astype(np.int64))))
-    return out
 
 
 @pytest.fixture(scope="module")

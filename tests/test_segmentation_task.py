@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -10,21 +9,12 @@ import torch.nn.functional as F
 from components.errors import LossforgeError
 from components.loss_graph import LossGraph, Node
 from components.segmentation_task import GraphSegLoss, build_screening_problem, one_hot_target
-from components.shapes_dataset import SHAPES_CLASSES, render_scene
+from components.shapes_dataset import SHAPES_CLASSES
+
+from screening_support import shapes_items
 
 L, N = Node.leaf, Node.apply
 CE = LossGraph.single("segmentation", "seg", N("neg", N("log", N("mul", L("y_hat"), L("y")))))
-
-
-def shapes_items(n: int, size: int = 32, seed: int = 0):
-    """Scenes of the embedded shapes dataset, in memory: (image float (3,H,W), mask long (H,W))."""
-    rng = np.random.default_rng(seed)
-    items = []
-    for _ in range(n):
-        scene = render_scene(rng, image_size=size)
-        image = torch.from_numpy(scene.image).permute(2, 0, 1).float() / 255.0
-        items.append((image, torch.from_numpy(scene.labels.astype(np.int64))))
-    return items
 
 
 class ItemsDataset:
