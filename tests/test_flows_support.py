@@ -74,6 +74,23 @@ def cli(args: list[str], cwd: Path, timeout: float = 600, **extra_env: str) -> s
                           text=True, timeout=timeout)
 
 
+def kill_search_midway(folder: Path, api_url: str, finished, at_least: int = 2, timeout: float = 300) -> int:
+    """Start `lossforge search --no-retrain` in `folder`, SIGKILL it once `finished(folder)` has `at_least`
+    entries (or it ended, or `timeout` passed); return its exit status (-SIGKILL when it was killed)."""
+    proc = subprocess.Popen([PYTHON, "-m", "flows.cli", "search", "--no-retrain"], cwd=folder,
+                            env=env(PREFECT_API_URL=api_url), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + timeout
+    try:
+        while time.time() < deadline and len(finished(folder)) < at_least and proc.poll() is None:
+            time.sleep(0.05)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    return proc.returncode
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -4,16 +4,13 @@ not trained again, nothing is lost, and MLflow holds exactly one run per candida
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-import time
 from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
 
-from test_flows_support import PYTHON, cli, env, prefect_server, write_tiny_params
+from test_flows_support import cli, kill_search_midway, prefect_server, write_tiny_params
 
 pytestmark = pytest.mark.slow
 
@@ -25,18 +22,8 @@ def _results(folder: Path) -> dict[str, dict]:
 def test_sigkill_mid_search_then_resume(tmp_path):
     server = prefect_server()
     write_tiny_params(tmp_path, search={"budget": 5, "workers": 2})
-    proc = subprocess.Popen([PYTHON, "-m", "flows.cli", "search", "--no-retrain"], cwd=tmp_path,
-                            env=env(PREFECT_API_URL=server.url), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.time() + 400
-    try:
-        while time.time() < deadline and len(_results(tmp_path)) < 2 and proc.poll() is None:
-            time.sleep(0.2)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
-    assert proc.returncode == -signal.SIGKILL, "the search finished before it could be killed"
+    returncode = kill_search_midway(tmp_path, server.url, _results, timeout=400)
+    assert returncode == -signal.SIGKILL, "the search finished before it could be killed"
     before = _results(tmp_path)
     assert len(before) >= 2
     checkpoints = list(tmp_path.glob(".lossforge/runs/*/checkpoint.json"))

@@ -11,10 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import signal
-import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -180,33 +177,22 @@ def _run_flow_here(folder: Path, api_url: str, monkeypatch=None) -> None:
 
     (In-process runs late in a long pytest session hit Prefect's console log handler holding a stream
     that pytest already closed, so the flow runs where a user would run it: in its own process.)"""
-    from test_flows_support import PYTHON, env
+    from test_flows_support import cli
 
-    done = subprocess.run([PYTHON, "-m", "flows.cli", "search", "--no-retrain"], cwd=folder,
-                          env=env(PREFECT_API_URL=api_url), capture_output=True, text=True, timeout=360)
+    done = cli(["search", "--no-retrain"], folder, timeout=360, PREFECT_API_URL=api_url)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(400)
 def test_ppo_search_through_the_flow_killed_and_resumed(tmp_path, monkeypatch):
-    from test_flows_support import PYTHON, env, prefect_server, write_tiny_params
+    from test_flows_support import kill_search_midway, prefect_server, write_tiny_params
 
     server = prefect_server()
     write_tiny_params(tmp_path, search={"method": "ppo", "budget": 6, "workers": 2},
                       proxy={"iterations": 4}, ppo={"samples": 2, "steps": 2})
-    proc = subprocess.Popen([PYTHON, "-m", "flows.cli", "search", "--no-retrain"], cwd=tmp_path,
-                            env=env(PREFECT_API_URL=server.url), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.time() + 300
-    try:
-        while time.time() < deadline and len(_results(tmp_path)) < 2 and proc.poll() is None:
-            time.sleep(0.05)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
-    assert proc.returncode == -signal.SIGKILL, "the search finished before it could be killed"
+    returncode = kill_search_midway(tmp_path, server.url, _results)
+    assert returncode == -signal.SIGKILL, "the search finished before it could be killed"
     before = _results(tmp_path)
     assert 2 <= len(before) < 6
 
