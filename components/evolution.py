@@ -47,6 +47,7 @@ class EvolutionConfig:
     max_population: int = 2500  # P
     budget: int = 500  # proxy evaluations (duplicates reused from the cache do not count)
     max_attempts: int = 100_000  # generation/mutation attempts per handed-out candidate
+    stall_warning_every: int = 500  # warn after every this many rejected candidates in a row (0 = never)
     depth: int = 3  # D, initial depth of random trees
     operator_set: str = "autoloss_zero"  # named operator set (components.operators)
 
@@ -58,6 +59,7 @@ class EvolutionConfig:
             ("max_population", self.max_population >= 1),
             ("budget", self.budget >= 0),
             ("max_attempts", self.max_attempts >= 1),
+            ("stall_warning_every", isinstance(self.stall_warning_every, int) and self.stall_warning_every >= 0),
             ("depth", self.depth >= 1),
             ("operator_set", isinstance(self.operator_set, str) and bool(self.operator_set)),
         ]

@@ -194,20 +194,44 @@ def _like(inputs, names):
 _SEGMENTATION_METHOD = '''
     def from_logits(self, logits, target, ignore_index=255):
         """Segmentation convenience: logits (N, C, H, W), target labels (N, H, W) with `ignore_index`
-        pixels ignored -> scalar loss (y_hat = softmax over C, y = one-hot target)."""
+        pixels ignored -> scalar loss (y_hat = softmax over C, y = one-hot target, or its per-class
+        boundary maps when TARGET is "boundary")."""
         valid = target != ignore_index
         labels = torch.where(valid, target, torch.zeros_like(target))
         y_hat = torch.softmax(logits, dim=1)
         y = torch.nn.functional.one_hot(labels, logits.shape[1]).permute(0, 3, 1, 2).to(logits.dtype)
+        if self.TARGET == "boundary":
+            y = boundary_maps(y * valid.unsqueeze(1).to(y.dtype), self.BOUNDARY, self.BOUNDARY_WIDTH)
         return self.forward({"seg": {"y_hat": y_hat, "y": y}}, valid=valid)
 '''
 
+_BOUNDARY_HELPER = '''
+def boundary_maps(y, definition="avgpool", width=1):
+    """Per-class edge maps of a one-hot (N, C, H, W) target (0 where no class), as Lossforge's metrics
+    define them; the image border is never an edge."""
+    k = 2 * width + 1
+    if definition == "avgpool":
+        avg = torch.nn.functional.avg_pool2d(y, k, stride=1, padding=width, count_include_pad=False)
+        return y * (avg < 1.0 - 0.5 / (k * k)).to(y.dtype)
+    low = -torch.nn.functional.max_pool2d(-y, k, stride=1, padding=width)
+    return ((y > 0.5) ^ (low > 0.5)).to(y.dtype)
+'''
 
-def export_module_source(graph: LossGraph, class_name: str = "SearchedLoss") -> str:
+
+def export_module_source(graph: LossGraph, class_name: str = "SearchedLoss", target: str = "label",
+                         boundary: str = "avgpool", boundary_width: int = 1) -> str:
     """Source of a standalone module (imports only torch) defining ``class_name(nn.Module)`` whose
-    ``forward(inputs_per_branch, valid=None)`` equals ``graph.total``."""
+    ``forward(inputs_per_branch, valid=None)`` equals ``graph.total``.
+
+    `target` ("label" | "boundary", with `boundary`/`boundary_width`) is recorded as ``TARGET`` and used by
+    the segmentation ``from_logits`` (boundary: y = per-class edge maps, as ``GraphSegLoss(target=...)``).
+    """
     if not class_name.isidentifier() or keyword.iskeyword(class_name):
         raise LossforgeError(f"class name {class_name!r} is not a valid Python identifier")
+    if target not in ("label", "boundary"):
+        raise LossforgeError(f"export: target must be 'label' or 'boundary', got {target!r}")
+    if boundary not in ("avgpool", "minpool") or not isinstance(boundary_width, int) or boundary_width < 1:
+        raise LossforgeError(f"export: bad boundary definition {boundary!r} / width {boundary_width!r}")
     used_ops = {}
     for b in graph.branches.values():
         ops = b.tree.operators
@@ -247,6 +271,10 @@ def export_module_source(graph: LossGraph, class_name: str = "SearchedLoss") -> 
     out.append(inspect.getsource(reduce_eq3).rstrip())
     out.append("")
     out.append(_HELPERS.rstrip())
+    segmentation = graph.task == "segmentation" and set(graph.branches) == {"seg"}
+    if segmentation:
+        out.append("")
+        out.append(_BOUNDARY_HELPER.rstrip())
     out.append("")
     out.append("")
     weights = {name: b.weight for name, b in graph.branches.items()}
@@ -257,6 +285,9 @@ def export_module_source(graph: LossGraph, class_name: str = "SearchedLoss") -> 
         f"    TASK = {graph.task!r}",
         f"    WEIGHTS = {weights!r}",
         f"    CANONICAL = {graph.canonical()!r}",
+        f"    TARGET = {target!r}",
+        f"    BOUNDARY = {boundary!r}",
+        f"    BOUNDARY_WIDTH = {boundary_width!r}",
         "",
         "    def forward(self, inputs_per_branch, valid=None):",
         '        """Weighted sum of branch losses; `valid` is None, one mask, or a dict branch -> mask."""',
@@ -269,7 +300,7 @@ def export_module_source(graph: LossGraph, class_name: str = "SearchedLoss") -> 
         "            total = term if total is None else total + term",
         "        return total",
     ]
-    if graph.task == "segmentation" and set(graph.branches) == {"seg"}:
+    if segmentation:
         out.append(_SEGMENTATION_METHOD.rstrip("\n"))
     for name, b in graph.branches.items():
         out.append("")
@@ -278,10 +309,11 @@ def export_module_source(graph: LossGraph, class_name: str = "SearchedLoss") -> 
     return "\n".join(out)
 
 
-def write_module(graph: LossGraph, path: str | os.PathLike, class_name: str = "SearchedLoss") -> Path:
+def write_module(graph: LossGraph, path: str | os.PathLike, class_name: str = "SearchedLoss", target: str = "label",
+                 boundary: str = "avgpool", boundary_width: int = 1) -> Path:
     """Write :func:`export_module_source` to `path` atomically; returns the path."""
     path = Path(path)
-    source = export_module_source(graph, class_name)
+    source = export_module_source(graph, class_name, target, boundary, boundary_width)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:

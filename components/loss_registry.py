@@ -6,7 +6,10 @@ name. ``build_loss`` accepts
 - a name: ``"ce"``;
 - a dict with ``"type"`` and keyword arguments: ``{"type": "focal", "gamma": 2}``;
 - a searched loss graph: ``{"type": "graph", "path": "loss.json"}`` (or ``"graph": <dict>``), rebuilt
-  through the operator whitelist by ``components.loss_json`` and wrapped in ``GraphSegLoss``;
+  through the operator whitelist by ``components.loss_json`` and wrapped in ``GraphSegLoss``; optional
+  ``"target": "label" | "boundary"`` (the loss input ``y``; boundary = the per-class edge maps that
+  BIoU/BF1 searches train on, AutoLoss-Zero A.1) with ``"boundary"``/``"boundary_width"``. Without
+  ``"target"``, the loss JSON's ``metadata.target`` (written by the search) is used, else "label";
 - an Auto Seg-Loss surrogate: ``{"type": "surrogate", "path": "surrogate.json"}`` (needs ``num_classes``).
 
 The handcrafted baselines of ``components.seg_losses.BASELINE_LOSSES`` are registered on first use.
@@ -99,17 +102,34 @@ def _instantiate(name: str, klass: type[nn.Module], kwargs: dict[str, Any], num_
         raise LossforgeError(f"loss {name!r}: bad arguments {kwargs!r} ({exc})") from None
 
 
+GRAPH_KEYS = ("type", "graph", "path", "target", "boundary", "boundary_width", "num_classes")
+
+
 def _build_graph(spec: Mapping[str, Any]) -> nn.Module:
     from components import loss_json
-    from components.segmentation_task import GraphSegLoss
+    from components.atomic_io import read_json
+    from components.segmentation_task import TRAINING_TARGETS, GraphSegLoss
 
+    unknown = [k for k in spec if k not in GRAPH_KEYS]
+    if unknown:
+        raise LossforgeError(f"loss type 'graph': unknown key(s) {', '.join(map(str, unknown))} "
+                             f"(accepted: {', '.join(GRAPH_KEYS[1:-1])})")
+    metadata: Any = {}
     if "graph" in spec:
-        graph = spec["graph"] if not isinstance(spec["graph"], Mapping) else loss_json.graph_from_dict(spec["graph"])
+        data = spec["graph"]
+        graph = data if not isinstance(data, Mapping) else loss_json.graph_from_dict(data)
+        metadata = data.get("metadata") if isinstance(data, Mapping) else {}
     elif "path" in spec:
         graph = loss_json.load_graph(spec["path"])
+        metadata = read_json(spec["path"]).get("metadata")  # already validated as a loss file
     else:
         raise LossforgeError("loss type 'graph': give 'path' (a lossforge.loss/1 JSON file) or 'graph'")
-    return GraphSegLoss(graph)
+    metadata = metadata if isinstance(metadata, Mapping) else {}
+    target = spec.get("target", metadata.get("target", "label"))
+    if target not in TRAINING_TARGETS:
+        raise LossforgeError(f"loss type 'graph': target must be one of {', '.join(TRAINING_TARGETS)}, got {target!r}")
+    return GraphSegLoss(graph, target=target, boundary=spec.get("boundary", metadata.get("boundary", "avgpool")),
+                        boundary_width=spec.get("boundary_width", metadata.get("boundary_width", 1)))
 
 
 def _build_surrogate(spec: Mapping[str, Any], num_classes: int | None) -> nn.Module:

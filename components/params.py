@@ -34,8 +34,8 @@ RUNNERS = ("threads", "processes", "ray", "dask")
 COMPONENT_SECTIONS: dict[str, tuple[str, str, frozenset[str]]] = {
     "evolution": ("components.evolution", "EvolutionConfig", frozenset()),
     "screening": ("components.rejection", "ScreeningConfig", frozenset({"size"})),
-    "proxy": ("components.proxy_training", "ProxyConfig", frozenset()),
-    "retrain": ("components.retrain", "RetrainConfig", frozenset({"baselines", "seeds"})),
+    "proxy": ("components.proxy_training", "ProxyConfig", frozenset({"seeds"})),
+    "retrain": ("components.retrain", "RetrainConfig", frozenset({"baselines", "seeds", "top_k"})),
     "ppo": ("components.ppo", "PPOConfig", frozenset({"metrics", "pieces", "family"})),
 }
 
@@ -142,7 +142,8 @@ class Params(BaseModel):
             "search": self.search.model_dump(exclude={"workers", "runner", "out_dir", "state_dir", "task_retries"}),
             "evolution": self.evolution,
             "screening": self.screening,
-            "proxy": self.proxy,
+            # proxy.seeds only sets the seeds of the proxy baselines (stored per seed): not a new search
+            "proxy": {k: v for k, v in self.proxy.items() if k != "seeds"},
             "ppo": self.ppo,
         }
         blob = json.dumps(keep, sort_keys=True, default=str)

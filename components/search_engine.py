@@ -23,7 +23,12 @@ Decisions (tested in tests/test_search_engine.py):
   returns None once reported + in-flight reaches the budget; `done` is True once reported ≥ budget.
 - Generation/mutation is repeated for the same parent until a child passes the protocol; after
   `config.max_attempts` rejected children `next_candidate()` raises `SearchStalledError` (a
-  LossforgeError) with the rejection counts, rather than returning None (None means "budget used").
+  LossforgeError) with the best g of the streak, the threshold and the rejection counts, rather than
+  returning None (None means "budget used").
+- A search that accepts nothing says so: every `config.stall_warning_every` (500) rejected candidates
+  in a row, a one-line warning (count, best g seen vs the threshold and gain rule, what to change) goes
+  to the `logging` logger "lossforge.search" and to `on_warning(message)` when given. The streak (count
+  and best g) is part of the saved state.
 - Funnel counters: generated = accepted + Σ rejected_<reason>; accepted = duplicates + handed out.
 - State (`save` / `SearchEngine.load`) is one JSON file: evolution window and in-flight individuals,
   rng state, id counter, history, counters, progress curve, configs, problem key and the cache (inline,
@@ -40,18 +45,21 @@ Decisions (tested in tests/test_search_engine.py):
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import random
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from components.atomic_io import read_json, write_json_atomic
 from components.errors import LossforgeError
 from components.evolution import EvolutionConfig, Individual, RegularizedEvolution, SearchStalledError
 
 STATE_FORMAT = "lossforge.search/1"
+LOGGER_NAME = "lossforge.search"
+logger = logging.getLogger(LOGGER_NAME)
 
 __all__ = ["Candidate", "SearchEngine", "SearchStalledError", "STATE_FORMAT"]
 
@@ -133,6 +141,7 @@ class SearchEngine:
     `cache` an EquivalenceCache for that key (a fresh in-memory one by default, or give `cache_path`).
     `proxy_key` names the proxy-training settings: cached proxy scores are reused only under the
     same key (e.g. a digest of ProxyConfig + target metric), so a changed proxy never reuses stale scores.
+    `on_warning(message)` receives the one-line stall warnings (they are also logged, see the module docstring).
     Not thread-safe: call it from the one thread that orchestrates the parallel proxy trainings.
     """
 
@@ -146,6 +155,7 @@ class SearchEngine:
         cache: Any = None,
         cache_path: str | Path | None = None,
         proxy_key: str = "",
+        on_warning: Callable[[str], None] | None = None,
     ):
         from components.equivalence import EquivalenceCache
         from components.generation import TreeGenerator
@@ -190,6 +200,9 @@ class SearchEngine:
         self._pending: dict[int, Candidate] = {}
         self._reissue: list[int] = []
         self._last_screening: Any = None
+        self.on_warning = on_warning
+        self.rejected_in_row = 0  # rejected candidates since the last accepted one
+        self.best_rejected_g: float | None = None  # best finite g among them
 
     # ----------------------------------------------------------------- funnel
     @property
@@ -225,10 +238,38 @@ class SearchEngine:
         if not result.accepted:
             name = f"rejected_{_slug(result.reason.split(':', 1)[0])}"
             self.counters[name] = self.counters.get(name, 0) + 1
+            self._note_rejection(result.score)
             return False
         self.counters["accepted"] += 1
+        self.rejected_in_row, self.best_rejected_g = 0, None
         self._last_screening = result
         return True
+
+    def _note_rejection(self, score: Any) -> None:
+        self.rejected_in_row += 1
+        g = _finite(score)
+        if g is not None and (self.best_rejected_g is None or g > self.best_rejected_g):
+            self.best_rejected_g = g
+        every = self.config.stall_warning_every
+        if every and self.rejected_in_row % every == 0:
+            message = self.stall_message()
+            logger.warning(message)
+            if self.on_warning is not None:
+                self.on_warning(message)
+
+    def _best_g_text(self) -> str:
+        cfg = self.screening_config
+        thr, gain = getattr(cfg, "threshold", None), getattr(cfg, "gain", "absolute")
+        best = "none finite" if self.best_rejected_g is None else f"{self.best_rejected_g:.3f}"
+        return f"best g {best} vs threshold {thr:g} (gain {gain})"
+
+    def stall_message(self) -> str:
+        """One line on the current streak of rejections: how many, best g vs threshold, what to change."""
+        gain = getattr(self.screening_config, "gain", "absolute")
+        advice = ("lower screening.threshold or use screening.gain: normalized" if gain == "absolute"
+                  else "lower screening.threshold or give screening more steps or a larger lr")
+        return (f"search: {self.rejected_in_row} candidates rejected in a row, {self._best_g_text()}; "
+                f"{advice}")
 
     def rejections(self) -> dict[str, int]:
         """Rejected candidates by reason (the `rejected_<reason>` counters)."""
@@ -253,7 +294,10 @@ class SearchEngine:
                 ind = self.evolution.ask(accept=self._screen)
             except SearchStalledError as exc:
                 counts = ", ".join(f"{k}={v}" for k, v in sorted(self.rejections().items()))
-                raise SearchStalledError(f"search stalled: {exc} (rejections so far: {counts})") from None
+                raise SearchStalledError(
+                    f"search stalled: {exc}; {self.rejected_in_row} rejected in a row, {self._best_g_text()} "
+                    f"(rejections so far: {counts})"
+                ) from None
             screening = self._last_screening
             proxy = self._cached_proxy(screening.fingerprint)
             if proxy is not None:
@@ -387,6 +431,7 @@ class SearchEngine:
                 {"id": c.id, "screening": _screening_to_dict(c.screening)} for c in self._pending.values()
             ],
             "counters": dict(self.counters),
+            "stall": {"rejected_in_row": self.rejected_in_row, "best_rejected_g": self.best_rejected_g},
             "history": self.history,
             "progress": self.progress,
             "cache": {"path": str(cache_path)} if cache_path else {"entries": _cache_entries(self.cache)},
@@ -430,7 +475,9 @@ class SearchEngine:
             config = EvolutionConfig.from_dict(state["config"])
             if budget is not None:
                 config = dataclasses.replace(config, budget=int(budget))
-            screening_config = _config_from_dict(ScreeningConfig, state["screening_config"])
+            saved_screening = dict(state["screening_config"])
+            saved_screening.setdefault("gain", "absolute")  # states from before the gain rule were absolute
+            screening_config = _config_from_dict(ScreeningConfig, saved_screening)
             cache_state = state["cache"]
             if cache is None:
                 if cache_state.get("path"):
@@ -460,6 +507,8 @@ class SearchEngine:
             if set(pending) != set(in_flight):
                 raise LossforgeError("pending candidates and in-flight individuals disagree")
             counters = {str(k): int(v) for k, v in dict(state["counters"]).items()}
+            stall = dict(state.get("stall") or {})
+            in_row, best_g = int(stall.get("rejected_in_row", 0)), _finite(stall.get("best_rejected_g"))
             history = list(state["history"])
             progress = list(state["progress"])
         except LossforgeError:
@@ -467,6 +516,7 @@ class SearchEngine:
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise LossforgeError(f"search state: missing or invalid field ({exc!r})") from None
         engine.counters.update(counters)
+        engine.rejected_in_row, engine.best_rejected_g = in_row, best_g
         engine.history, engine.progress = history, progress
         engine._pending = pending
         # everything in flight at save time is handed out again (pending order = hand-out order)

@@ -7,6 +7,9 @@ Models (``ModelConfig.name``):
   ``decoder_channels`` is the width of the ASPP/decoder head; ``output_stride`` 8 or 16.
 - ``"deeplabv3"``: torchvision's DeepLabV3 (``encoder`` resnet50, resnet101 or mobilenet_v3_large; the
   torchvision head has a fixed width of 256).
+- ``"unet"``: the small grouped UNet of ``components.wave_unet`` (``widths`` channels per level), the CPU
+  proxy: it trains a wave of M candidate losses as one network, and from scratch it learns the embedded
+  data within a few hundred AdamW steps at 32² (``encoder``/``decoder_channels``/``output_stride`` unused).
 
 The lightest model (preset ``"lite"``, used by CPU tests and the demo) is still a real DeepLabV3+: smp's
 ASPP + decoder (32 channels) on timm's MobileNetV3-Small-0.5 encoder (0.34 M parameters in all).
@@ -23,7 +26,7 @@ from torch import nn
 
 from components.errors import LossforgeError
 
-MODEL_NAMES = ("deeplabv3plus", "deeplabv3")
+MODEL_NAMES = ("deeplabv3plus", "deeplabv3", "unet")
 TORCHVISION_ENCODERS = ("resnet50", "resnet101", "mobilenet_v3_large")
 BACKBONE_ATTRIBUTES = ("encoder", "backbone")  # parameters under these modules form the backbone group
 
@@ -41,8 +44,14 @@ class ModelConfig:
     decoder_channels: int = 256
     output_stride: int = 16
     input_size: int = 128
+    widths: tuple[int, ...] = (16, 32, 64)
 
     def __post_init__(self) -> None:
+        if isinstance(self.widths, list):
+            object.__setattr__(self, "widths", tuple(self.widths))
+        if not (isinstance(self.widths, tuple) and len(self.widths) >= 2
+                and all(isinstance(w, int) and w >= 1 for w in self.widths)):
+            raise LossforgeError(f"model.widths: need >= 2 positive ints, got {self.widths!r}")
         if self.name not in MODEL_NAMES:
             raise LossforgeError(f"model.name: unknown model {self.name!r}; known: {', '.join(MODEL_NAMES)}")
         if self.output_stride not in (8, 16):
@@ -63,6 +72,8 @@ class ModelConfig:
 MODEL_PRESETS: dict[str, ModelConfig] = {
     # Lightest real model, for CPU tests and the demo (about 40 ms per 8×64² training step on 2 CPU cores).
     "lite": ModelConfig(encoder="tu-mobilenetv3_small_050", decoder_channels=32, output_stride=16, input_size=64),
+    # The CPU proxy: a 3-level grouped UNet (16-32-64 channels) at 32², trained as waves of candidates.
+    "cpu_unet": ModelConfig(name="unet", encoder="none", decoder_channels=64, input_size=32, widths=(16, 32, 64)),
     # A small ResNet DeepLabV3+ for CPU runs that want a ResNet backbone.
     "cpu_r18": ModelConfig(encoder="resnet18", decoder_channels=64, input_size=64),
     # AutoLoss-Zero appendix A.1 / Auto Seg-Loss: proxy = R50-DeepLabV3+ on 128², re-training = R101 on 512².
@@ -93,6 +104,35 @@ class _TorchvisionLogits(nn.Module):
         return self.model(x)["out"]
 
 
+class _SingleUNet(nn.Module):
+    """A one-member WaveUNet with the usual ``(N, K, H, W)`` output (re-training, probes, export)."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    @property
+    def backbone(self) -> nn.Module:
+        return self.net.encoder
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)[:, 0]
+
+
+def build_wave_model(cfg: ModelConfig, num_classes: int, members: int) -> nn.Module:
+    """``members`` identical copies of the ``"unet"`` model as one grouped network (output (N, M, K, H, W)).
+
+    The single-member network is built first from torch's current seed and tiled, so every member starts
+    from the weights ``build_model`` would give under the same seed.
+    """
+    from components.wave_unet import WaveUNet
+
+    if cfg.name != "unet":
+        raise LossforgeError(f"model.name: waves need the 'unet' model, got {cfg.name!r}")
+    single = WaveUNet(num_classes, 1, cfg.widths)
+    return single if members == 1 else WaveUNet(num_classes, members, cfg.widths).tile_from(single)
+
+
 def build_model(cfg: ModelConfig, num_classes: int) -> nn.Module:
     """Build the configured network, randomly initialised (no weights are ever downloaded).
 
@@ -100,6 +140,8 @@ def build_model(cfg: ModelConfig, num_classes: int) -> nn.Module:
     """
     if not isinstance(num_classes, int) or num_classes < 2:
         raise LossforgeError(f"num_classes: must be an int >= 2, got {num_classes!r}")
+    if cfg.name == "unet":
+        return _SingleUNet(build_wave_model(cfg, num_classes, 1))
     if cfg.name == "deeplabv3plus":
         import segmentation_models_pytorch as smp
 

@@ -37,6 +37,7 @@ Rules (the same in both uses):
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -79,13 +80,23 @@ def canonical_metric_name(name: str) -> str:
     return _ALIASES[key]
 
 
+AUTO_TOLERANCE = "auto"
+
+
+def auto_tolerance(height: int, width: int) -> int:
+    """0.75 % of the image diagonal, at least 1 px: the usual BF-score tolerance (Csurka et al.), which is
+    5 px on VOC-sized images (~500×375) — the fixed value of the official evaluation — and 1 px at 64²,
+    where a fixed 5 px would accept almost any boundary (CE scores ~99 % BF1 on the embedded data)."""
+    return max(1, round(0.0075 * math.hypot(height, width)))
+
+
 @dataclass(frozen=True)
 class BoundarySpec:
     """How boundaries are defined for BIoU/BF1 (see the module docstring)."""
 
     definition: str = "avgpool"
     width: int = 1
-    tolerance: int = 5
+    tolerance: int | str = 5
     drop_background: bool | None = None
 
     def __post_init__(self) -> None:
@@ -95,12 +106,17 @@ class BoundarySpec:
             )
         if not isinstance(self.width, int) or self.width < 1:
             raise LossforgeError(f"boundary_width must be an integer >= 1, got {self.width!r}")
-        if not isinstance(self.tolerance, int) or self.tolerance < 0:
-            raise LossforgeError(f"tolerance must be an integer >= 0, got {self.tolerance!r}")
+        if self.tolerance != AUTO_TOLERANCE and (isinstance(self.tolerance, bool) or not isinstance(self.tolerance, int)
+                                                 or self.tolerance < 0):
+            raise LossforgeError(f"tolerance must be an integer >= 0 or 'auto', got {self.tolerance!r}")
         if self.drop_background not in (None, True, False):
             raise LossforgeError(f"drop_background must be true, false or None, got {self.drop_background!r}")
         if self.drop_background is None:
             object.__setattr__(self, "drop_background", self.definition == "avgpool")
+
+    def pixels(self, height: int, width: int) -> int:
+        """The tolerance in pixels for (height, width) maps (``"auto"``: see ``auto_tolerance``)."""
+        return auto_tolerance(height, width) if self.tolerance == AUTO_TOLERANCE else int(self.tolerance)
 
     def describe(self) -> str:
         """One line naming the boundary definition, for reports next to BIoU/BF1 numbers."""
@@ -112,7 +128,8 @@ class BoundarySpec:
             edge = f"BD(y) = y XOR min-pool {k}x{k} (paper Table 1)"
             band = "BIoU region = GT boundary BD(y)"
         bg = "background dropped" if self.drop_background else "background kept"
-        return f"boundary={self.definition}: {edge}; {band}; BF1 tolerance {self.tolerance} px; {bg}"
+        tol = "0.75% of the diagonal" if self.tolerance == AUTO_TOLERANCE else f"{self.tolerance} px"
+        return f"boundary={self.definition}: {edge}; {band}; BF1 tolerance {tol}; {bg}"
 
 
 # ----------------------------------------------------------------------------- input checks
@@ -255,15 +272,16 @@ def _boundary_stats(pred: torch.Tensor, target: torch.Tensor, valid: torch.Tenso
     if "BIoU" in need:
         band = gt_edge & (t != BACKGROUND_CLASS) if (spec.drop_background and c > 1) else gt_edge
         if spec.definition == "avgpool":
-            band = dilate(band, spec.tolerance)
+            band = dilate(band, spec.pixels(h, w))
         band_conf = _confusion(pred, target, valid & band.reshape(g, n, h, w), c)
     if "BF1" not in need:
         return band_conf, None
 
     pr_edge = label_boundaries(p, v, c, spec.width)
     img_c = torch.arange(m, device=p.device).view(m, 1, 1) * c
-    matched_pr = _matched_edges(pr_edge, p, gt_edge, t, c, spec.tolerance)
-    matched_gt = _matched_edges(gt_edge, t, pr_edge, p, c, spec.tolerance)
+    tolerance = spec.pixels(h, w)
+    matched_pr = _matched_edges(pr_edge, p, gt_edge, t, c, tolerance)
+    matched_gt = _matched_edges(gt_edge, t, pr_edge, p, c, tolerance)
     counts = torch.stack(
         [torch.bincount((img_c + lab)[mask], minlength=m * c)
          for lab, mask in ((p, pr_edge), (t, gt_edge), (p, matched_pr), (t, matched_gt))],
@@ -334,7 +352,7 @@ class SegmentationMetrics:
     """
 
     def __init__(self, num_classes: int, ignore_index: int | None = 255, *, boundary: str = "avgpool",
-                 boundary_width: int = 1, tolerance: int = 5, drop_background: bool | None = None) -> None:
+                 boundary_width: int = 1, tolerance: int | str = AUTO_TOLERANCE, drop_background: bool | None = None) -> None:
         if not isinstance(num_classes, int) or num_classes < 1:
             raise LossforgeError(f"num_classes must be a positive integer, got {num_classes!r}")
         self.num_classes = num_classes
@@ -384,7 +402,7 @@ class SegmentationMetrics:
 
 def per_sample_metric(name: str, pred_labels: torch.Tensor, target: torch.Tensor, num_classes: int, *,
                       ignore_index: int | None = 255, boundary: str = "avgpool", boundary_width: int = 1,
-                      tolerance: int = 5, drop_background: bool | None = None) -> torch.Tensor:
+                      tolerance: int | str = AUTO_TOLERANCE, drop_background: bool | None = None) -> torch.Tensor:
     """Metric `name` of each sample on its own -> float64 tensor (B,), vectorised over the batch.
 
     pred_labels/target: (B,H,W), or (B,N,H,W) where each sample is N images accumulated together.

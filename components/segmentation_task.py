@@ -6,7 +6,16 @@
 * `build_screening_problem(dataset, metric, ...)`: the loss-rejection probe of AutoLoss-Zero §3.2:
   B random training samples resized to `size`×`size` and the logits a randomly initialised
   segmentation network (components.seg_models, preset "lite" by default) predicts for them, shaped
-  `(B, 1, C, H, W)`; the metric ξ is computed per sample on the argmax labels.
+  `(B, 1, C, H, W)`; the metric ξ is computed per sample on the argmax labels. The perfect prediction
+  (the one-hot target as logits) gives ξ_max for the normalised gain of components.rejection.
+* Boundary targets (AutoLoss-Zero A.1: "for the boundary metrics, we use the pre-computed boundaries of
+  y as the training targets"): for BIoU/BF1 (`training_target_for_metric`) the loss input `y` is
+  `boundary_target(one-hot)`, the per-class edge maps of the metric's own boundary definition
+  (segmentation_metrics.class_boundaries: avgpool by default, width 1, the image border is never an
+  edge, ignore pixels belong to no class and stay 0 and masked). y_hat stays the softmax over all
+  pixels, and ξ is still measured on the label map. This applies to the probe (`y` of the screening
+  problem, whose key records it), to `GraphSegLoss(target="boundary")` and to
+  `build_loss({"type": "graph", ..., "target": "boundary"})`.
 """
 
 from __future__ import annotations
@@ -25,6 +34,41 @@ from components.rejection import ScreeningProblem
 
 IGNORE_INDEX = 255
 SEG_BRANCH = "seg"
+TRAINING_TARGETS = ("label", "boundary")
+
+
+def training_target_for_metric(metric: str) -> str:
+    """What a segmentation loss searched for `metric` trains on: "boundary" for BIoU/BF1, else "label"."""
+    from components.segmentation_metrics import BOUNDARY_METRICS, canonical_metric_name
+
+    return "boundary" if canonical_metric_name(metric) in BOUNDARY_METRICS else "label"
+
+
+def _check_target(target: str, where: str) -> str:
+    if target not in TRAINING_TARGETS:
+        raise LossforgeError(f"{where}: target must be one of {', '.join(TRAINING_TARGETS)}, got {target!r}")
+    return target
+
+
+def boundary_target(y: Tensor, valid: Tensor | None = None, *, definition: str = "avgpool",
+                    width: int = 1) -> Tensor:
+    """Per-class boundary maps `(..., N, C, H, W)` (y.dtype, 0/1) of a one-hot target `y` (0 at ignore pixels).
+
+    `valid` `(..., N, 1, H, W)` (or None) marks the pixels that count; a pixel that is invalid or has no
+    class belongs to no class. Edges are `segmentation_metrics.class_boundaries` of the label map with the
+    metric's `definition` and `width`, so the targets are the metric's own ground-truth edges.
+    """
+    from components.segmentation_metrics import class_boundaries
+
+    if y.dim() < 4:
+        raise LossforgeError(f"boundary_target: y must be (..., N, C, H, W), got shape {tuple(y.shape)}")
+    c, h, w = y.shape[-3:]
+    flat = y.detach().reshape(-1, c, h, w)
+    has_class = flat.amax(dim=1) > 0.5
+    if valid is not None:
+        has_class = has_class & (valid.detach().expand(*y.shape[:-3], 1, h, w).reshape(-1, h, w) > 0.5)
+    edges = class_boundaries(flat.argmax(dim=1), has_class, c, width, definition)
+    return edges.reshape(y.shape).to(y.dtype)
 
 
 def segmentation_inputs(logits: Tensor, target: Tensor, num_classes: int | None = None,
@@ -62,15 +106,27 @@ def one_hot_target(target: Tensor, num_classes: int, ignore_index: int | None = 
 
 
 class GraphSegLoss(nn.Module):
-    """A loss graph used as a segmentation training loss: forward(logits (N,C,H,W), target (N,H,W)) -> scalar."""
+    """A loss graph used as a segmentation training loss: forward(logits (N,C,H,W), target (N,H,W)) -> scalar.
 
-    def __init__(self, graph: Any, ignore_index: int | None = IGNORE_INDEX, branch: str = SEG_BRANCH):
+    `target="boundary"` feeds `boundary_target(one-hot)` (definition `boundary`, width `boundary_width`)
+    as `y` instead of the one-hot labels (the training target of BIoU/BF1 searches).
+    """
+
+    def __init__(self, graph: Any, ignore_index: int | None = IGNORE_INDEX, branch: str = SEG_BRANCH,
+                 target: str = "label", boundary: str = "avgpool", boundary_width: int = 1):
         super().__init__()
         if branch not in graph.branches:
             raise LossforgeError(f"loss graph has no {branch!r} branch (has: {', '.join(graph.branches)})")
         self.graph = graph
         self.ignore_index = ignore_index
         self.branch = branch
+        self.target = _check_target(target, "GraphSegLoss")
+        if target == "boundary":
+            from components.segmentation_metrics import BoundarySpec
+
+            BoundarySpec(boundary, boundary_width)  # validates the definition and width (one-line error)
+        self.boundary = boundary
+        self.boundary_width = boundary_width
 
     def forward(self, logits: Tensor, target: Tensor) -> Tensor:
         if logits.dim() != 4 or target.dim() != 3:
@@ -78,10 +134,12 @@ class GraphSegLoss(nn.Module):
                 f"GraphSegLoss expects logits (N,C,H,W) and target (N,H,W), got {tuple(logits.shape)} and {tuple(target.shape)}"
             )
         inputs, valid = segmentation_inputs(logits, target, ignore_index=self.ignore_index)
+        if self.target == "boundary":
+            inputs["y"] = boundary_target(inputs["y"], valid, definition=self.boundary, width=self.boundary_width)
         return self.graph.total({self.branch: inputs}, None if valid is None else valid.squeeze(-3))
 
     def extra_repr(self) -> str:
-        return self.graph.formula()
+        return self.graph.formula() + ("" if self.target == "label" else f"; target={self.target}")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -124,18 +182,24 @@ def _network_logits(images: Tensor, num_classes: int, seed: int, model: str | nn
 
 
 class _SegInputs:
-    """build_inputs for the probe: softmax of the predictions, cached one-hot targets and ones."""
+    """build_inputs for the probe: softmax of the predictions, cached one-hot (or boundary) targets and ones."""
 
-    def __init__(self, num_classes: int, ignore_index: int | None):
+    def __init__(self, num_classes: int, ignore_index: int | None, target: str = "label",
+                 boundary: str = "avgpool", boundary_width: int = 1):
         self.num_classes = num_classes
         self.ignore_index = ignore_index
+        self.target = _check_target(target, "screening probe")
+        self.boundary = boundary
+        self.boundary_width = boundary_width
         self._cache: dict[tuple, tuple[Tensor, Tensor]] = {}
 
     def __call__(self, pred: Tensor, targets: Tensor) -> dict[str, dict[str, Tensor]]:
         key = (targets.data_ptr(), tuple(targets.shape), tuple(targets.stride()), pred.dtype)
         cached = self._cache.get(key)
         if cached is None:
-            y, _ = one_hot_target(targets, self.num_classes, self.ignore_index, pred.dtype)
+            y, valid = one_hot_target(targets, self.num_classes, self.ignore_index, pred.dtype)
+            if self.target == "boundary":
+                y = boundary_target(y, valid, definition=self.boundary, width=self.boundary_width)
             cached = (y, torch.ones_like(y))
             if len(self._cache) > 16:
                 self._cache.clear()
@@ -176,13 +240,16 @@ def build_screening_problem(
     ignore_index: int | None = IGNORE_INDEX,
     metric_kwargs: Mapping[str, Any] | None = None,
     indices: list[int] | None = None,
+    target: str | None = None,
 ) -> ScreeningProblem:
     """The segmentation probe: `samples` random items of `dataset` (image (3,H,W), mask (H,W)) resized to
     `size`², with logits `(B,1,C,size,size)` of a randomly initialised network (`model`: a
     components.seg_models preset name or a module) seeded by `seed`.
 
     `metric` is a metric name of components.segmentation_metrics (mIoU, BF1, ...) or a function
-    `(pred logits (B,1,C,H,W), targets (B,1,H,W)) -> (B,)`.
+    `(pred logits (B,1,C,H,W), targets (B,1,H,W)) -> (B,)`. `target` is the loss input `y`: "label"
+    (one-hot) or "boundary" (`boundary_target`, with the boundary definition and width of
+    `metric_kwargs`); None = `training_target_for_metric(metric)` ("label" for a metric function).
     """
     if num_classes is None:
         num_classes = getattr(dataset, "num_classes", None)
@@ -221,26 +288,46 @@ def build_screening_problem(
     else:
         raise LossforgeError(f"build_screening_problem: metric must be a name or a function, got {metric!r}")
 
-    _, valid = one_hot_target(targets, num_classes, ignore_index)
-    digest = hashlib.sha256()
-    digest.update(json.dumps({
-        "task": "segmentation", "metric": metric_name, "metric_kwargs": dict(metric_kwargs or {}),
+    if target is None:
+        target = training_target_for_metric(metric_name) if isinstance(metric, str) else "label"
+    _check_target(target, "build_screening_problem")
+    kwargs = dict(metric_kwargs or {})
+    boundary, width = kwargs.get("boundary", "avgpool"), kwargs.get("boundary_width", 1)
+    if target == "boundary":
+        from components.segmentation_metrics import BoundarySpec
+
+        BoundarySpec(boundary, width)  # one-line error for a bad definition or width
+
+    perfect, valid = one_hot_target(targets, num_classes, ignore_index)  # the target itself, as logits
+    payload = {
+        "task": "segmentation", "metric": metric_name, "metric_kwargs": kwargs,
         "num_classes": num_classes, "size": size, "samples": samples, "seed": seed,
         "ignore_index": ignore_index, "model": model if isinstance(model, str) else type(model).__name__,
-    }, sort_keys=True, default=str).encode())
+    }
+    if target != "label":  # label-target keys stay as they were before boundary targets existed
+        payload["target"] = target
+    digest = hashlib.sha256()
+    digest.update(json.dumps(payload, sort_keys=True, default=str).encode())
     digest.update(targets.numpy().tobytes())
     digest.update(logits.numpy().tobytes())
     key = f"segmentation/{metric_name}/{digest.hexdigest()[:20]}"
+    if target == "boundary":
+        # The best prediction the training target determines: the label on the edge pixels (where y is
+        # set), the initial prediction elsewhere (y = 0 there carries no class), see the module docstring.
+        on_edge = boundary_target(perfect, valid, definition=boundary, width=width).amax(dim=-3, keepdim=True) > 0
+        perfect = torch.where(on_edge, perfect, logits)
     return ScreeningProblem(
         init_predictions=logits,
         targets=targets,
-        build_inputs=_SegInputs(num_classes, ignore_index),
+        build_inputs=_SegInputs(num_classes, ignore_index, target, boundary, width),
         metric=metric_fn,
         key=key,
         valid=valid,
         task="segmentation",
         metric_name=metric_name,
+        perfect_predictions=perfect,
     )
 
 
-__all__ = ["GraphSegLoss", "build_screening_problem", "segmentation_inputs", "one_hot_target", "IGNORE_INDEX"]
+__all__ = ["GraphSegLoss", "build_screening_problem", "segmentation_inputs", "one_hot_target", "boundary_target",
+           "training_target_for_metric", "TRAINING_TARGETS", "IGNORE_INDEX"]

@@ -1,7 +1,8 @@
 """The embedded "shapes" dataset: synthetic scenes written in the PASCAL VOC layout and as COCO JSON.
 
 Scenes hold 2-6 objects of 7 classes (plus background) with random sizes, rotations, colours and
-textures (flat, gradient, stripes, clouds, pixel noise) on a textured background. Colours are drawn
+textures (flat, gradient, stripes, clouds, pixel noise) on a textured background. By default each class
+has its own hue band (``colours="class"``, see ``COLOUR_MODES``); ``colours="random"`` draws colours
 independently of the class, so a model has to look at shape. Later objects occlude earlier ones. Rings,
 bars (1-3 px lines) and thin-armed crosses are thin structures whose boundary pixels make up most of
 their area, so region metrics (mIoU) and boundary metrics (BIoU, BF1) disagree and the loss matters.
@@ -57,6 +58,13 @@ SHAPES_CLASSES: tuple[str, ...] = (
 """Class names of the embedded dataset; the index is the label in the masks."""
 
 IGNORE_LABEL = 255
+
+COLOUR_MODES = ("class", "random")
+"""``colours="class"`` (default): each class has its own hue band (jittered hue, saturation, value and
+texture), on a low-saturation cluttered background, so a small network trained from scratch for a few
+hundred steps can tell classes apart and losses differ on what remains hard: thin structures, small
+objects, boundaries and class imbalance. ``"random"``: colours independent of the class (the network has
+to recognise shapes; far slower to learn)."""
 
 SHAPES_KEYPOINTS: dict[str, tuple[str, ...]] = {
     "ellipse": ("center", "top", "right", "bottom", "left"),
@@ -115,6 +123,7 @@ class ShapesConfig:
     image_format: str = "jpg"
     jpeg_quality: int = 95
     ignore_band: int = 0
+    colours: str = "class"
 
     def validate(self) -> None:
         """Raise LossforgeError naming the first bad field."""
@@ -136,6 +145,8 @@ class ShapesConfig:
             raise LossforgeError(f"jpeg_quality must be in [1, 100], got {self.jpeg_quality}")
         if not 0 <= self.ignore_band <= 10:
             raise LossforgeError(f"ignore_band must be in [0, 10], got {self.ignore_band}")
+        if self.colours not in COLOUR_MODES:
+            raise LossforgeError(f"colours must be one of {', '.join(COLOUR_MODES)}, got {self.colours!r}")
 
 
 @dataclass(frozen=True)
@@ -177,10 +188,12 @@ def _clouds(rng: np.random.Generator, size: int, cells: int) -> np.ndarray:
     return np.asarray(big, dtype=np.float32) / 255.0
 
 
-def _texture(rng: np.random.Generator, size: int, base: np.ndarray, kind: str) -> np.ndarray:
-    """A (size, size, 3) float texture around colour `base`."""
+def _texture(rng: np.random.Generator, size: int, base: np.ndarray, kind: str,
+             other: np.ndarray | None = None) -> np.ndarray:
+    """A (size, size, 3) float texture around colour `base`, mixed with `other` (random by default)."""
     xs, ys = _grid(size)
-    other = _random_colour(rng)
+    if other is None:
+        other = _random_colour(rng)
     if kind == "flat":
         tex = np.broadcast_to(base, (size, size, 3)).copy()
     elif kind == "gradient":
@@ -205,7 +218,26 @@ def _texture(rng: np.random.Generator, size: int, base: np.ndarray, kind: str) -
     return tex
 
 
-def _background(rng: np.random.Generator, size: int) -> np.ndarray:
+def _class_colour(rng: np.random.Generator, cls: int) -> np.ndarray:
+    """A colour in class ``cls``'s hue band (hues evenly spaced over the classes, ±0.025 jitter)."""
+    import colorsys
+
+    hue = ((cls - 1) / (len(SHAPES_CLASSES) - 1) + rng.uniform(-0.025, 0.025)) % 1.0
+    rgb = colorsys.hsv_to_rgb(hue, rng.uniform(0.65, 1.0), rng.uniform(0.6, 1.0))
+    return (np.array(rgb) * 255).astype(np.float32)
+
+
+def _grey_colour(rng: np.random.Generator) -> np.ndarray:
+    """A low-saturation colour (the background of ``colours="class"`` scenes)."""
+    grey = rng.uniform(30, 200)
+    return (grey + rng.uniform(-15, 15, size=3)).astype(np.float32)
+
+
+def _background(rng: np.random.Generator, size: int, colours: str = "random") -> np.ndarray:
+    if colours == "class":
+        tex = _texture(rng, size, _grey_colour(rng), str(rng.choice(["gradient", "stripes", "clouds", "clouds"])),
+                       other=_grey_colour(rng))
+        return tex
     base = _random_colour(rng)
     kind = rng.choice(["gradient", "stripes", "clouds", "clouds"])
     tex = _texture(rng, size, base, str(kind))
@@ -327,11 +359,12 @@ def render_scene(
     max_objects: int = 6,
     ignore_band: int = 0,
     required_class: int | None = None,
+    colours: str = "random",
 ) -> Scene:
     """Render one scene from `rng`. `required_class` (1..7) forces one object of that class, drawn last
     (on top, so it is visible)."""
     size = image_size
-    image = _background(rng, size)
+    image = _background(rng, size, colours)
     labels = np.zeros((size, size), dtype=np.uint8)
     instances = np.zeros((size, size), dtype=np.int32)
     n = int(rng.integers(min_objects, max_objects + 1))
@@ -342,13 +375,18 @@ def render_scene(
     objects: list[ShapeObject] = []
     for cls in classes:
         obj = _draw_object(rng, SHAPES_CLASSES[cls], size)
-        colour = _random_colour(rng)
-        for _ in range(8):  # keep some contrast with the background's mean colour
-            if np.abs(colour - bg_mean).sum() > 90:
-                break
+        if colours == "class":
+            colour = _class_colour(rng, cls)
+            other = colour * rng.uniform(0.55, 0.85)  # same hue, darker: texture without changing the class cue
+        else:
+            other = None
             colour = _random_colour(rng)
+            for _ in range(8):  # keep some contrast with the background's mean colour
+                if np.abs(colour - bg_mean).sum() > 90:
+                    break
+                colour = _random_colour(rng)
         kind = str(rng.choice(["flat", "gradient", "stripes", "clouds"], p=[0.3, 0.25, 0.25, 0.2]))
-        tex = _texture(rng, size, colour, kind)
+        tex = _texture(rng, size, colour, kind, other=other)
         image[obj.mask] = tex[obj.mask]
         labels[obj.mask] = cls
         instances[obj.mask] = len(objects) + 1
@@ -480,10 +518,15 @@ def _is_replaceable(out: Path) -> bool:
 
 def ensure_shapes(out_dir: str | os.PathLike, num_train: int = 400, num_test: int = 100, image_size: int = 128,
                   seed: int = 0, **options) -> Path:
-    """Generate the embedded dataset into `out_dir` unless a dataset with the same parameters is already there."""
+    """Generate the embedded dataset into `out_dir` unless a dataset with the same parameters is already there.
+
+    Every generator parameter counts, defaults included (a dataset written by an older generator with other
+    defaults, e.g. random colours, is regenerated)."""
     root = Path(out_dir)
     meta = root / "dataset.json"
-    wanted = {"num_train": num_train, "num_test": num_test, "image_size": image_size, "seed": seed, **options}
+    known = {f for f in ShapesConfig.__dataclass_fields__}
+    given = {"num_train": num_train, "num_test": num_test, "image_size": image_size, "seed": seed, **options}
+    wanted = {**asdict(ShapesConfig()), **{k: v for k, v in given.items() if k in known}}
     if meta.exists():
         try:
             have = json.loads(meta.read_text(encoding="utf-8")).get("params", {})
@@ -506,6 +549,7 @@ def generate_shapes(
     image_format: str = "jpg",
     jpeg_quality: int = 95,
     ignore_band: int = 0,
+    colours: str = "class",
     progress: Callable[[int, int], None] | None = None,
 ) -> Path:
     """Generate the embedded dataset into `out_dir` (VOC layout + COCO JSON, see module doc); return it.
@@ -516,7 +560,7 @@ def generate_shapes(
     cfg = ShapesConfig(
         num_train=num_train, num_test=num_test, image_size=image_size, seed=seed,
         min_objects=min_objects, max_objects=max_objects, image_format=image_format,
-        jpeg_quality=jpeg_quality, ignore_band=ignore_band,
+        jpeg_quality=jpeg_quality, ignore_band=ignore_band, colours=colours,
     )
     cfg.validate()
     out = Path(out_dir)
@@ -551,7 +595,7 @@ def _generate_into(root: Path, cfg: ShapesConfig, progress: Callable[[int, int],
             rng = np.random.default_rng([cfg.seed, split_index, k])
             scene = render_scene(
                 rng, cfg.image_size, cfg.min_objects, cfg.max_objects, cfg.ignore_band,
-                required_class=1 + k % (len(SHAPES_CLASSES) - 1),
+                required_class=1 + k % (len(SHAPES_CLASSES) - 1), colours=cfg.colours,
             )
             _write_bytes(root / "JPEGImages" / f"{sid}.{ext}", _image_bytes(scene.image, ext, cfg.jpeg_quality))
             _write_bytes(root / "SegmentationClass" / f"{sid}.png", _palette_png(scene.labels, palette))

@@ -38,18 +38,21 @@ class EvolutionMethod:
 
     loss_type = "graph"  # build_loss type of this method's loss files
 
-    def __init__(self, engine: Any):
+    def __init__(self, engine: Any, target: str = "label"):
         self.engine = engine
+        self.target = target  # the loss input y: "label" or "boundary" (components.segmentation_task)
 
     @classmethod
     def create(cls, params: Params, problem: Any, state_dir: Path) -> "EvolutionMethod":
         """Resume from `state_dir/checkpoint.json` when it exists, else start a new search."""
         from components.search_engine import SearchEngine
+        from components.segmentation_task import training_target_for_metric
 
+        target = training_target_for_metric(params.search.metric)
         checkpoint = state_dir / "checkpoint.json"
         cache_path = state_dir / "equivalence.json"
         if checkpoint.exists():
-            return cls(SearchEngine.load(checkpoint, problem))
+            return cls(SearchEngine.load(checkpoint, problem), target)
         engine = SearchEngine(
             problem,
             task=params.search.task,
@@ -58,7 +61,7 @@ class EvolutionMethod:
             seed=params.search.seed,
             cache_path=cache_path,
         )
-        return cls(engine)
+        return cls(engine, target)
 
     # --------------------------------------------------------------- the shared interface
     @property
@@ -85,7 +88,7 @@ class EvolutionMethod:
             out.append({
                 "id": cand.id,
                 "hash": cand.graph.hash(),
-                "loss": {"type": "graph", "graph": graph_to_dict(cand.graph)},
+                "loss": self._spec(graph_to_dict(cand.graph)),
                 "screening_g": cand.screening.score,
             })
         return out
@@ -102,9 +105,15 @@ class EvolutionMethod:
     def progress(self) -> list[dict[str, Any]]:
         return self.engine.progress_curve()
 
+    def _spec(self, graph: dict[str, Any]) -> dict[str, Any]:
+        spec = {"type": "graph", "graph": graph}
+        if self.target != "label":
+            spec["target"] = self.target
+        return spec
+
     def loss_spec(self, record: dict[str, Any]) -> dict[str, Any]:
         """A build_loss spec for a history record."""
-        return {"type": "graph", "graph": record["graph"]}
+        return self._spec(record["graph"])
 
     def write_loss_files(self, record: dict[str, Any], folder: Path, stem: str) -> tuple[Path, Path]:
         """The record's loss as JSON (lossforge.loss/1) and as a standalone nn.Module .py file."""
@@ -115,9 +124,9 @@ class EvolutionMethod:
         folder.mkdir(parents=True, exist_ok=True)
         json_path, py_path = folder / f"{stem}.json", folder / f"{stem}.py"
         if not json_path.exists():
-            save_graph(graph, json_path, name=stem)
+            save_graph(graph, json_path, name=stem, metadata={"target": self.target} if self.target != "label" else None)
         if not py_path.exists():
-            write_module(graph, py_path)
+            write_module(graph, py_path, target=self.target)
         return json_path, py_path
 
 

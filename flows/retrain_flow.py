@@ -1,5 +1,10 @@
-"""Final re-training: the searched loss against the handcrafted baselines, on the full training set
-(S_train ∪ S_eval), evaluated on the test images that the search never saw."""
+"""Final re-training: the searched loss (and the next best of the search, `retrain.top_k`) against the
+handcrafted baselines, on the full training set (S_train ∪ S_eval), evaluated on the test images that the
+search never saw.
+
+One task per seed, submitted together (the cores are shared between them); each writes its own table
+under `<report>/seeds/`, so a re-run after a crash only trains the seeds that are missing, and the
+tables are merged into `comparison.md/json` (mean ± std over the seeds)."""
 
 from __future__ import annotations
 
@@ -32,9 +37,51 @@ def retrain_task(loss_specs: dict[str, Any], data: dict[str, str], cfg: Any, met
     return read_json(json_path)
 
 
+@task(name="retrain-seed", retries=1, retry_delay_seconds=1, cache_policy=NO_CACHE,
+      task_run_name="retrain-seed-{seed}")
+def retrain_seed_task(loss_specs: dict[str, Any], data: dict[str, str], cfg: Any, metric: str, folder: str, seed: int,
+                      torch_threads: int | None = None) -> dict[str, Any]:
+    """Re-train every loss with one seed; the table goes to `<folder>/comparison-s<seed>.json` (reused if there)."""
+    import torch
+
+    json_path = Path(folder) / f"comparison-s{seed}.json"
+    wanted = {"losses": loss_specs, "config": repr(cfg)}
+    if json_path.exists():
+        stored = read_json(json_path)
+        if stored.get("config", {}).get("request") == wanted and stored.get("seeds") == [seed]:
+            return stored
+    if torch_threads:
+        torch.set_num_threads(torch_threads)
+    table = retrain_task.fn(loss_specs, data, cfg, metric, str(json_path.with_suffix(".md")), str(json_path), [seed])
+    table["config"]["request"] = wanted
+    from components.atomic_io import write_json_atomic
+
+    write_json_atomic(json_path, table)
+    return table
+
+
+def retrain_specs(params: Params, summary: dict[str, Any]) -> dict[str, Any]:
+    """Loss specs to re-train: `searched` (the best), `rank2..rank<top_k>` of the search, then the baselines."""
+    from flows.search_flow import losses_dir
+
+    best = summary["best_loss"]
+    specs: dict[str, Any] = {"searched": best}
+    top_k = int(params.section_extra("retrain", "top_k", 1) or 1)
+    for rank in range(2, min(top_k, len(summary.get("top") or [])) + 1):
+        path = losses_dir(params) / "top" / f"rank{rank}.json"
+        if path.exists():
+            specs[f"rank{rank}"] = {**best, "path": str(path)}
+    for name in params.section_extra("retrain", "baselines", ["ce"]):
+        specs[str(name)] = name
+    return specs
+
+
 @flow(name="lossforge-retrain", log_prints=True)
 def retrain_flow(params: Params, data: dict[str, str]) -> dict[str, Any]:
-    """Re-train the best searched loss and the baselines of `retrain.baselines`; log the table to MLflow."""
+    """Re-train the best searched losses and the baselines of `retrain.baselines`; log the table to MLflow."""
+    import os
+
+    from components.retrain import ComparisonTable, merge_tables, write_table
     from flows.search_flow import losses_dir, make_tracker, reports_dir
 
     logger = get_run_logger()
@@ -42,16 +89,22 @@ def retrain_flow(params: Params, data: dict[str, str]) -> dict[str, Any]:
     if not summary_path.exists():
         raise LossforgeError(f"{summary_path}: no search result yet (run the search stage first)")
     summary = read_json(summary_path)
-    specs: dict[str, Any] = {"searched": summary["best_loss"]}
-    for name in params.section_extra("retrain", "baselines", ["ce"]):
-        specs[str(name)] = name
+    specs = retrain_specs(params, summary)
     out = reports_dir(params)
-    out.mkdir(parents=True, exist_ok=True)
+    (out / "seeds").mkdir(parents=True, exist_ok=True)
     md_path, json_path = out / "comparison.md", out / "comparison.json"
     progress.emit("retrain", losses=list(specs))
-    seeds = params.section_extra("retrain", "seeds")
-    table = retrain_task(specs, data, params.config("retrain"), params.search.metric, str(md_path), str(json_path),
-                         seeds=None if seeds is None else [int(s) for s in seeds])
+    cfg = params.config("retrain")
+    seeds = [int(s) for s in (params.section_extra("retrain", "seeds") or [cfg.seed])]
+    parallel = max(1, min(len(seeds), params.search.workers, os.cpu_count() or 1))
+    threads = max(1, (os.cpu_count() or 1) // parallel)
+    futures = [retrain_seed_task.submit(specs, data, cfg, params.search.metric, str(out / "seeds"), seed, threads)
+               for seed in seeds]
+    tables = [ComparisonTable.from_dict(f.result()) for f in futures]
+    merged = merge_tables(tables)
+    merged.config.pop("request", None)
+    write_table(merged, md_path, json_path)
+    table = read_json(json_path)
     logger.info("re-training done: %s", md_path)
     tracker = make_tracker(params)
     if tracker is not None:

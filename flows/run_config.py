@@ -71,6 +71,37 @@ def data_spec(params: Params) -> dict[str, str]:
     return spec
 
 
+def proxy_seeds(params: Params) -> list[int]:
+    """`proxy.seeds`: the seeds the proxy baselines are trained with (default: just `proxy.seed`)."""
+    seeds = params.section_extra("proxy", "seeds")
+    if seeds is None:
+        return [int(params.config("proxy").seed)]
+    if (not isinstance(seeds, list) or not seeds
+            or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds)):
+        raise LossforgeError(f"{params.source}: proxy.seeds: expected a non-empty list of integers (got {seeds!r})")
+    if len(set(seeds)) != len(seeds):
+        raise LossforgeError(f"{params.source}: proxy.seeds: seeds must be distinct (got {seeds!r})")
+    return [int(s) for s in seeds]
+
+
+def baseline_specs(params: Params) -> list[Any]:
+    """CE plus `retrain.baselines` (build_loss specs, CE first, no duplicates); unknown loss types are errors."""
+    from components.loss_registry import LOSSES, loss_name
+
+    raw = params.section_extra("retrain", "baselines", ["ce"])
+    if not isinstance(raw, list):
+        raise LossforgeError(f"{params.source}: retrain.baselines: expected a list of loss names (got {raw!r})")
+    specs: list[Any] = ["ce"]
+    for spec in raw:
+        kind = spec if isinstance(spec, str) else spec.get("type") if isinstance(spec, dict) else None
+        if not isinstance(kind, str) or kind not in LOSSES:
+            raise LossforgeError(f"{params.source}: retrain.baselines: unknown loss {spec!r} "
+                                 f"(known: {', '.join(LOSSES.names())})")
+        if loss_name(spec) not in {loss_name(s) for s in specs}:
+            specs.append(spec)
+    return specs
+
+
 def check_inputs(params: Params, stages: tuple[str, ...]) -> None:
     """Fail with a one-line error if the inputs of the first requested stage are missing."""
     if "prepare" in stages:
@@ -81,6 +112,10 @@ def check_inputs(params: Params, stages: tuple[str, ...]) -> None:
             raise LossforgeError(f"data.path: dataset not found: {params.data.path} (run the prepare stage first)")
     elif any(s in stages for s in ("search", "retrain")):
         data_spec(params)
+    if any(s in stages for s in ("search", "retrain")):
+        baseline_specs(params)
+    if "search" in stages:
+        proxy_seeds(params)
     if "search" not in stages and any(s in stages for s in ("retrain", "report")):
         summary = losses_dir(params) / "search.json"
         if not summary.exists():

@@ -160,6 +160,13 @@ def search_loop_flow(params: Params, data: dict[str, str]) -> dict[str, Any]:
             size=params.section_extra("screening", "size", 64), seed=params.search.seed,
         )
         method = make_method(params, problem, state)
+    engine = getattr(method, "engine", None)
+    if engine is not None:  # "N candidates rejected in a row, best g ..." reaches the log and the console
+        def warn(message: str) -> None:
+            logger.warning(message)
+            progress.emit("warning", message=message)
+
+        engine.on_warning = warn
     resumed = checkpoint.exists()
     logger.info("search %s: %s (%d results so far)", params.search_id, "resumed" if resumed else "new",
                 len(method.history))
@@ -170,6 +177,13 @@ def search_loop_flow(params: Params, data: dict[str, str]) -> dict[str, Any]:
         tracker.start()
         tracker.sync(_tracker_record(method, r, loss_files) for r in method.history)
 
+    # --- proxy baselines (CE + retrain.baselines on this proxy, stored under the state dir; flows/proxy_baselines.py)
+    from flows.proxy_baselines import run_proxy_baselines
+    with timeline.measure("training"):
+        baselines = run_proxy_baselines(params, data, state, tracker)
+    ce_proxy = ((baselines or {}).get("losses", {}).get("ce") or {}).get("target_mean")
+    # --- end proxy baselines
+
     proxy_cfg = params.config("proxy")
     workers = params.search.workers
     threads = max(1, (os.cpu_count() or 1) // workers)
@@ -177,7 +191,12 @@ def search_loop_flow(params: Params, data: dict[str, str]) -> dict[str, Any]:
     group = params.search.losses_per_training
     in_flight: dict[Any, list[dict[str, Any]]] = {}
     budget = params.search.budget
-    progress.emit("search", done=len(method.history), total=budget, counters=method.counters)
+    def emit_progress() -> None:
+        best = method.best()
+        progress.emit("search", done=_reported(method), total=budget, counters=method.counters,
+                      best=None if best is None else best.get("target"), ce=ce_proxy)
+
+    emit_progress()
 
     def record_results(results: list[dict[str, Any]]) -> None:
         for res in results:
@@ -193,7 +212,7 @@ def search_loop_flow(params: Params, data: dict[str, str]) -> dict[str, Any]:
                     method.log_tracking(tracker, final=False)
         for rec in records:
             logger.info("candidate %s: %s target=%s", rec["id"], rec["status"], rec.get("target"))
-        progress.emit("search", done=_reported(method), total=budget, counters=method.counters)
+        emit_progress()
 
     while True:
         # keep `workers` trainings in flight; screening runs here while the workers train
@@ -286,6 +305,7 @@ def write_search_outputs(params: Params, method: SearchMethod, timeline: Timelin
         top.append({k: rec.get(k) for k in ("id", "hash", "formula", "canonical", "target", "metrics",
                                              "parent_id", "mutation")})
     curve = method.progress()
+    from flows.proxy_baselines import load_baselines  # proxy baselines section of search.json
     summary = {
         "format": "lossforge.search-summary/1",
         "search_id": params.search_id,
@@ -305,6 +325,7 @@ def write_search_outputs(params: Params, method: SearchMethod, timeline: Timelin
             for r in method.history
         ],
         "timing": timeline.summary(),
+        "baselines": load_baselines(state_dir(params)),  # proxy baselines (flows/proxy_baselines.py)
     }
     write_json_atomic(out / "search.json", summary)
     return summary

@@ -217,6 +217,55 @@ class SearchTracker:
         self.logged[key] = run_id
         return run_id
 
+    # ------------------------------------------------------------------ proxy baselines
+    def sync_baselines(self, records: Iterable[Mapping[str, Any]]) -> int:
+        """One nested run per proxy-baseline training (tags `baseline=true`, name, seed; proxy metrics),
+        logged once: finished runs are found by their key, runs left half-written by a kill are replaced."""
+        logged: set[str] = set()
+        runs = self._search(f"tags.`{TAG_SEARCH}` = '{self.search_id}' and tags.`{TAG_KIND}` = 'baseline'")
+        for run in runs:
+            key = run.data.tags.get(TAG_KEY)
+            if run.info.status == "FINISHED" and key and key not in logged:
+                logged.add(key)
+            else:
+                with_retries(lambda: self.client.delete_run(run.info.run_id), "delete partial run")
+        count = 0
+        for record in records:
+            if record["key"] in logged:
+                continue
+            tags = {
+                "mlflow.parentRunId": self.parent_run_id, TAG_SEARCH: self.search_id, TAG_KIND: "baseline",
+                TAG_KEY: record["key"], "baseline": "true", "baseline_name": str(record["name"]),
+                "seed": str(record["seed"]), "status": str(record["status"]),
+            }
+            if record.get("message"):
+                tags["message"] = _clip(record["message"])
+            run = with_retries(
+                lambda: self.client.create_run(
+                    self.experiment_id, run_name=f"baseline {record['name']} seed {record['seed']}", tags=tags
+                ),
+                "create baseline run",
+            )
+            run_id = run.info.run_id
+            now = int(time.time() * 1000)
+            metrics = {f"proxy_{k}": float(v) for k, v in (record.get("metrics") or {}).items()
+                       if isinstance(v, (int, float))}
+            for name, key in (("target", "target"), ("wall_time_s", "seconds"), ("iterations", "iterations")):
+                if isinstance(record.get(key), (int, float)):
+                    metrics[name] = float(record[key])
+            params = [Param("baseline", str(record["name"])), Param("seed", str(record["seed"])),
+                      Param("loss_spec", _clip(json.dumps(record.get("spec"), sort_keys=True)))]
+            with_retries(
+                lambda: self.client.log_batch(
+                    run_id, metrics=[Metric(k, v, now, 0) for k, v in metrics.items()], params=params
+                ),
+                "log baseline",
+            )
+            with_retries(lambda: self.client.set_terminated(run_id, "FINISHED"), "finish baseline run")
+            logged.add(record["key"])
+            count += 1
+        return count
+
     # ------------------------------------------------------------------ search-level
     def log_search_state(self, counters: Mapping[str, Any], evaluations: int, top5_mean: float | None) -> None:
         """Funnel counters and the top-5 mean on the parent run, stepped by the number of evaluations."""
@@ -253,6 +302,53 @@ class SearchTracker:
         """Close the parent run."""
         if self.parent_run_id:
             with_retries(lambda: self.client.set_terminated(self.parent_run_id, status), "finish parent run")
+
+
+def log_comparison(
+    tracking_uri: str,
+    experiment: str,
+    run_name: str,
+    params: Mapping[str, Any],
+    metrics: Mapping[str, float],
+    files: Iterable[str | Path],
+    artifact_root: str | Path | None = None,
+    artifact_path: str = "compare",
+) -> str:
+    """One finished run for a `lossforge compare` table (params, metrics, the table files); returns its id."""
+    client = MlflowClient(tracking_uri=tracking_uri)
+    exp = with_retries(lambda: client.get_experiment_by_name(experiment), "get experiment")
+    if exp is None:
+        location = None
+        if artifact_root is not None and not tracking_uri.startswith(("http://", "https://")):
+            folder = Path(artifact_root).resolve() / experiment
+            folder.mkdir(parents=True, exist_ok=True)
+            location = folder.as_uri()
+        try:
+            experiment_id = with_retries(lambda: client.create_experiment(experiment, artifact_location=location),
+                                         "create experiment")
+        except MlflowException:  # created concurrently
+            experiment_id = client.get_experiment_by_name(experiment).experiment_id
+    else:
+        experiment_id = exp.experiment_id
+        if exp.lifecycle_stage == "deleted":
+            client.restore_experiment(experiment_id)
+    run = with_retries(lambda: client.create_run(experiment_id, run_name=run_name, tags={TAG_KIND: "comparison"}),
+                       "create comparison run")
+    run_id = run.info.run_id
+    now = int(time.time() * 1000)
+    with_retries(
+        lambda: client.log_batch(
+            run_id,
+            metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()],
+            params=[Param(k, _clip(v)) for k, v in sorted(params.items())],
+        ),
+        "log comparison",
+    )
+    for path in files:
+        if Path(path).exists():
+            with_retries(lambda: client.log_artifact(run_id, str(path), artifact_path), "log artifact")
+    with_retries(lambda: client.set_terminated(run_id, "FINISHED"), "finish comparison run")
+    return run_id
 
 
 def find_search_run(tracking_uri: str, experiment: str, search_id: str) -> str | None:

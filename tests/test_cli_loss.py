@@ -121,3 +121,10 @@ def test_export_writes_standalone_module_equal_to_graph(ce_file, tmp_path):
     assert torch.allclose(module.MyLoss()(inputs), CE.total(inputs))
     bad = runner.invoke(app, ["loss", "export", str(ce_file), "-o", str(out), "--class-name", "not valid"])
     assert bad.exit_code == 2
+
+
+def test_check_bad_gain_rule_exit_2(ce_file, shapes_root):
+    result = runner.invoke(app, ["loss", "check", str(ce_file), "--data", str(shapes_root), "--gain", "relative"])
+    text = _out(result).strip()
+    assert result.exit_code == 2 and text.startswith("error:") and "gain" in text and "relative" in text
+    assert len(text.splitlines()) == 1

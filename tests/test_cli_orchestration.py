@@ -26,6 +26,10 @@ def _written(folder) -> set[str]:
         (["search", "--profile", "gpu"], None, "error: params.yaml: profile: unknown profile 'gpu'"),
         (["retrain"], None, "error: data/splits/train.txt: split manifest not found"),
         (["stage", "train"], None, "error: stage: unknown stage 'train'"),
+        (["search"], {"proxy": {"seeds": []}}, "error: params.yaml: proxy.seeds: expected a non-empty list"),
+        (["search"], {"proxy": {"seeds": [0, 0]}}, "error: params.yaml: proxy.seeds: seeds must be distinct"),
+        (["search"], {"retrain": {"baselines": ["ce", "cee"]}},
+         "error: params.yaml: retrain.baselines: unknown loss 'cee'"),
     ],
 )
 def test_bad_parameters_fail_before_any_output(tmp_path, monkeypatch, args, edit, message):
@@ -57,5 +61,5 @@ def test_malformed_yaml_in_a_real_process(tmp_path):
 def test_help_lists_the_commands():
     done = CliRunner().invoke(app, ["--help"])
     assert done.exit_code == 0
-    for name in ("demo", "search", "retrain", "report", "serve", "data", "loss"):
+    for name in ("demo", "search", "retrain", "report", "compare", "serve", "data", "loss"):
         assert name in done.stdout

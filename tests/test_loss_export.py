@@ -123,6 +123,26 @@ def test_segmentation_from_logits(tmp_path):
     assert loss.item() == pytest.approx(ce.item(), rel=1e-5)
 
 
+@pytest.mark.parametrize("definition,width", [("avgpool", 1), ("minpool", 2)])
+def test_boundary_target_export_equals_graph_seg_loss(tmp_path, definition, width):
+    from components.segmentation_task import GraphSegLoss
+
+    graph = load_graph([p for p in EXAMPLES if p.stem == "autolosszero_seg_bf1"][0])
+    path = write_module(graph, tmp_path / f"bf1_{definition}.py", target="boundary", boundary=definition,
+                        boundary_width=width)
+    module = import_file(path, f"lf_bf1_{definition}")
+    assert module.SearchedLoss.TARGET == "boundary"
+    torch.manual_seed(1)
+    logits = torch.randn(2, 4, 16, 16)
+    target = torch.zeros(2, 16, 16, dtype=torch.long)
+    target[:, 2:10, 3:13] = 2
+    target[1, 10:, :6] = 1
+    target[0, 0, :4] = 255
+    expected = GraphSegLoss(graph, target="boundary", boundary=definition, boundary_width=width)(logits, target)
+    assert module.SearchedLoss().from_logits(logits, target).item() == pytest.approx(expected.item(), rel=1e-5)
+    assert expected.item() != pytest.approx(GraphSegLoss(graph)(logits, target).item(), rel=1e-3)
+
+
 def test_invalid_class_name():
     graph = load_graph(EXAMPLES[0])
     with pytest.raises(LossforgeError, match="not a valid Python identifier"):

@@ -148,3 +148,28 @@ def test_loss_name_for_display():
     assert loss_name("ce") == "ce"
     assert loss_name({"type": "focal", "gamma": 2}) == "focal(gamma=2)"
     assert loss_name({"type": "dice"}) == "dice"
+
+
+def test_graph_spec_with_boundary_target(tmp_path):
+    from components.segmentation_task import GraphSegLoss
+
+    logits, _ = _batch(5, h=9, w=9)
+    target = torch.zeros(2, 9, 9, dtype=torch.long)  # blocks, so that most pixels are not edges
+    target[:, 3:7, 2:6] = 1
+    target[1, :, 7:] = 3
+    target[0, :2] = 255
+    label = build_loss({"type": "graph", "graph": CE_GRAPH})
+    boundary = build_loss({"type": "graph", "graph": CE_GRAPH, "target": "boundary"})
+    assert isinstance(boundary, GraphSegLoss) and boundary.target == "boundary" and label.target == "label"
+    assert not torch.isclose(boundary(logits, target), label(logits, target))
+    # the loss JSON's metadata.target (written by a boundary-metric search) is used when the spec has none
+    path = tmp_path / "bf1.json"
+    path.write_text(json.dumps({**CE_GRAPH, "metadata": {"target": "boundary"}}))
+    from_file = build_loss({"type": "graph", "path": str(path)})
+    assert from_file.target == "boundary"
+    assert torch.equal(from_file(logits, target), boundary(logits, target))
+    assert build_loss({"type": "graph", "path": str(path), "target": "label"}).target == "label"
+    with pytest.raises(LossforgeError, match="target must be one of label, boundary"):
+        build_loss({"type": "graph", "graph": CE_GRAPH, "target": "edges"})
+    with pytest.raises(LossforgeError, match="unknown key"):
+        build_loss({"type": "graph", "graph": CE_GRAPH, "targt": "boundary"})

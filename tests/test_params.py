@@ -43,10 +43,10 @@ def test_demo_profile_is_deep_merged():
     params = load_params(ROOT / "params.yaml")  # the file selects `profile: demo`
     assert params.profile == "demo"
     proxy = params.config("proxy")
-    assert proxy.model.input_size == 64 and proxy.model.encoder == "tu-mobilenetv3_small_050"
+    assert proxy.model.name == "unet" and proxy.model.input_size == 32 and proxy.optimizer == "adamw"
     assert proxy.model.output_stride == 16  # kept from the top level (deep merge)
-    assert proxy.weight_decay == 0.0005  # idem
-    assert params.search.budget < 20 and params.section_extra("screening", "size") == 32
+    assert proxy.poly_power == 0.9 and proxy.momentum == 0.9  # idem
+    assert params.search.budget >= 200 and params.section_extra("screening", "size") == 32
 
 
 def test_search_id_changes_with_search_params_only():
@@ -55,6 +55,9 @@ def test_search_id_changes_with_search_params_only():
     assert parse_params(paper(search__workers=7)).search_id == a.search_id  # how, not what
     assert parse_params(paper(search__budget=9)).search_id != a.search_id
     assert parse_params(paper(proxy__lr=0.5)).search_id != a.search_id
+    # proxy.seeds only adds proxy-baseline trainings (stored per seed): the same search resumes
+    seeded = parse_params(paper(proxy__seeds=[0, 1, 2]))
+    assert seeded.search_id == a.search_id and seeded.section_extra("proxy", "seeds") == [0, 1, 2]
     assert a.search_id.startswith("segmentation-mIoU-evolution-")
 
 

@@ -14,6 +14,7 @@ from components.retrain import (
     ComparisonTable,
     RetrainConfig,
     baseline_losses,
+    merge_tables,
     retrain_and_compare,
     write_table,
 )
@@ -88,6 +89,26 @@ def test_retrain_and_compare_trains_every_loss_over_seeds(tmp_path):
     md, js = write_table(table, tmp_path / "t.md", tmp_path / "t.json")
     assert "**BIoU** (target)" in md.read_text()
     assert json.loads(js.read_text())["config"]["config_class"] == "RetrainConfig"
+
+
+def test_per_seed_tables_merge_into_the_all_seeds_table(tmp_path):
+    root = generate_shapes(tmp_path / "shapes", num_train=6, num_test=4, image_size=32, seed=0)
+    train, test = open_voc(root, list_file="train"), open_voc(root, list_file="val")
+    cfg = RetrainConfig(model=model_preset("cpu_unet", widths=(4, 8)), iterations=3, batch_size=2,
+                        eval_batch_size=4, device="cpu")
+    losses = {"ce": build_loss("ce"), "dice": build_loss("dice"), "broken": AlwaysNan()}
+    together = retrain_and_compare(losses, train, test, cfg, "mIoU", seeds=[0, 1])
+    apart = [retrain_and_compare(losses, train, test, cfg, "mIoU", seeds=[s]) for s in (0, 1)]
+    merged = merge_tables(apart)
+    assert merged.seeds == (0, 1) and [r.name for r in merged.rows] == ["ce", "dice", "broken"]
+    for name in ("ce", "dice"):
+        for m in METRIC_NAMES:
+            assert merged.row(name).metrics[m] == pytest.approx(together.row(name).metrics[m], abs=1e-9)
+            assert merged.row(name).std[m] == pytest.approx(together.row(name).std[m], abs=1e-9)
+    assert merged.row("broken").status == "nan"
+    assert apart[0].row("ce").metrics != apart[1].row("ce").metrics or apart[0].row("ce").std == {}
+    with pytest.raises(LossforgeError, match="seeds repeat"):
+        merge_tables([apart[0], apart[0]])
 
 
 def test_baselines_and_paper_settings():

@@ -270,6 +270,49 @@ def test_max_attempts_guard_raises_a_clear_error(problem):
     assert c["accepted"] == 0 and c["in_flight"] == 0
 
 
+def test_a_search_that_accepts_nothing_warns_every_n_rejections(problem, caplog):
+    impossible = ScreeningConfig(samples=2, steps=2, lr=0.5, threshold=10.0, gain="absolute")
+    cfg = EvolutionConfig(initial_population=3, budget=3, max_attempts=7, stall_warning_every=3)
+    messages = []
+    engine = SearchEngine(problem, config=cfg, screening_config=impossible, seed=0, on_warning=messages.append)
+    with caplog.at_level("WARNING", logger="lossforge.search"):
+        with pytest.raises(SearchStalledError) as err:
+            engine.next_candidate()
+    assert len(messages) == 2 and [r.getMessage() for r in caplog.records] == messages
+    assert messages[0].startswith("search: 3 candidates rejected in a row") and "6 candidates" in messages[1]
+    for msg in messages:
+        assert "\n" not in msg and "best g" in msg and "threshold 10" in msg and "screening.gain: normalized" in msg
+    best = engine.best_rejected_g
+    assert best is not None and best < 10.0 and f"best g {best:.3f}" in messages[-1]
+    stalled = str(err.value)
+    assert "7 attempts" in stalled and f"best g {best:.3f}" in stalled and "7 rejected in a row" in stalled
+    # the streak is part of the saved state
+    restored = SearchEngine.from_state_dict(json.loads(json.dumps(engine.state_dict())), problem)
+    assert (restored.rejected_in_row, restored.best_rejected_g) == (7, best)
+
+
+def test_rejection_streak_resets_on_acceptance_and_advice_follows_the_rule(problem):
+    cfg = EvolutionConfig(initial_population=3, budget=2, max_attempts=3000, stall_warning_every=1)
+    messages = []
+    engine = SearchEngine(problem, config=cfg, screening_config=STRICT, seed=0, on_warning=messages.append)
+    engine.next_candidate()
+    assert engine.rejected_in_row == 0 and engine.best_rejected_g is None
+    rejected = sum(engine.rejections().values())
+    assert rejected > 0 and len(messages) == rejected  # warned after each rejection (every = 1)
+    assert messages[-1].startswith(f"search: {rejected} candidates rejected in a row")
+    assert "lower screening.threshold" in messages[0] and "gain normalized" in messages[0]
+    with pytest.raises(LossforgeError, match="stall_warning_every"):
+        EvolutionConfig(stall_warning_every=-1)
+
+
+def test_states_saved_before_the_gain_rule_restore_as_absolute(problem):
+    engine = make_engine(problem, seed=1, budget=1)
+    state = json.loads(json.dumps(engine.state_dict()))
+    del state["screening_config"]["gain"], state["stall"]
+    restored = SearchEngine.from_state_dict(state, problem)
+    assert restored.screening_config.gain == "absolute" and restored.rejected_in_row == 0
+
+
 def test_accepts_mapping_results(problem):
     engine = make_engine(problem, seed=2, budget=1)
     cand = engine.next_candidate()

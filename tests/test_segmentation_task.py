@@ -129,3 +129,99 @@ def test_probe_bad_input(dataset):
         build_screening_problem(dataset, "not_a_metric", samples=2, size=16)
     with pytest.raises(LossforgeError, match="num_classes"):
         build_screening_problem(dataset.items, "mIoU", samples=2, size=16)  # a plain list has no .num_classes
+
+
+# ----------------------------------------------------------------------------- boundary targets (A.1)
+
+
+def _square_mask():
+    """7×7 background with a 3×3 square of class 1 in the middle (rows/cols 2..4)."""
+    mask = torch.zeros(1, 7, 7, dtype=torch.long)
+    mask[0, 2:5, 2:5] = 1
+    return mask
+
+
+def test_boundary_target_of_a_hand_made_mask_is_its_edge_pixels():
+    from components.segmentation_task import boundary_target
+
+    y, valid = one_hot_target(_square_mask(), 3)
+    edges = boundary_target(y, valid)
+    ring = torch.zeros(7, 7)
+    ring[2:5, 2:5] = 1
+    ring[3, 3] = 0  # the square's centre has no other class within radius 1
+    outer = torch.zeros(7, 7)
+    outer[1:6, 1:6] = 1
+    outer[2:5, 2:5] = 0  # background pixels touching the square; the image border is never an edge
+    assert edges.shape == y.shape and edges.dtype == y.dtype
+    assert torch.equal(edges[0, 1], ring) and torch.equal(edges[0, 0], outer)
+    assert not edges[0, 2].any()  # class 2 is absent
+    # ignore pixels belong to no class: they are 0 in every map and make their neighbours edges
+    mask = torch.zeros(1, 7, 7, dtype=torch.long)
+    mask[0, 0, 6] = 255
+    y, valid = one_hot_target(mask, 2)
+    edges = boundary_target(y, valid)
+    expected = torch.zeros(7, 7)
+    expected[0, 5] = expected[1, 5] = expected[1, 6] = 1
+    assert torch.equal(edges[0, 0], expected) and edges[0, :, 0, 6].sum() == 0
+
+
+def test_boundary_target_follows_the_metric_definition():
+    from components.segmentation_metrics import class_boundaries
+    from components.segmentation_task import boundary_target
+
+    items = shapes_items(2, size=24, seed=4, ignore_band=1)
+    labels = torch.stack([m for _, m in items])
+    y, valid = one_hot_target(labels, 8)
+    for definition, width in (("avgpool", 1), ("minpool", 2)):
+        keep = labels != 255
+        expected = class_boundaries(torch.where(keep, labels, 0), keep, 8, width, definition)
+        assert torch.equal(boundary_target(y, valid, definition=definition, width=width).bool(), expected)
+
+
+def test_training_target_for_metric():
+    from components.segmentation_task import training_target_for_metric
+
+    assert [training_target_for_metric(m) for m in ("BIoU", "bf1", "mIoU", "gacc")] == \
+        ["boundary", "boundary", "label", "label"]
+    with pytest.raises(LossforgeError, match="unknown segmentation metric"):
+        training_target_for_metric("dice")
+
+
+def test_boundary_metric_probe_feeds_boundary_targets(dataset):
+    from components.segmentation_task import boundary_target
+
+    bf1 = build_screening_problem(dataset, "BF1", samples=3, size=16, seed=0)
+    as_labels = build_screening_problem(dataset, "BF1", samples=3, size=16, seed=0, target="label")
+    miou = build_screening_problem(dataset, "mIoU", samples=3, size=16, seed=0)
+    y, valid = one_hot_target(bf1.targets, 8)
+    got = bf1.build_inputs(bf1.init_predictions, bf1.targets)["seg"]["y"]
+    assert torch.equal(got, boundary_target(y, valid)) and not torch.equal(got, y)
+    assert torch.equal(miou.build_inputs(miou.init_predictions, miou.targets)["seg"]["y"], y)
+    assert torch.equal(as_labels.build_inputs(as_labels.init_predictions, as_labels.targets)["seg"]["y"], y)
+    assert bf1.key != as_labels.key  # the training target is part of the problem key
+    # the perfect prediction of a boundary probe: the labels on the edges, the initial prediction elsewhere
+    on_edge = got.amax(dim=-3) > 0
+    perfect = bf1.perfect_predictions.argmax(dim=-3)
+    assert torch.equal(perfect[on_edge], bf1.targets[on_edge])
+    assert torch.equal(perfect[~on_edge], bf1.init_predictions.argmax(dim=-3)[~on_edge])
+    with pytest.raises(LossforgeError, match="target must be one of label, boundary"):
+        build_screening_problem(dataset, "BF1", samples=3, size=16, target="edges")
+
+
+def test_graph_loss_with_boundary_target_ignores_255():
+    torch.manual_seed(0)
+    target = _square_mask().repeat(2, 1, 1)
+    target[1, 0, :3] = 255
+    logits = torch.randn(2, 3, 7, 7, requires_grad=True)
+    boundary = GraphSegLoss(CE, target="boundary")
+    label = GraphSegLoss(CE)
+    value = boundary(logits, target)
+    assert not torch.isclose(value, label(logits, target))
+    value.backward()
+    assert logits.grad[1, :, 0, :3].abs().sum() == 0  # ignored pixels get no gradient
+    moved = logits.detach().clone()
+    moved[1, :, 0, :3] += 5.0
+    assert torch.isclose(boundary(moved, target), value.detach())
+    assert "target=boundary" in repr(boundary)
+    with pytest.raises(LossforgeError, match="target must be one of"):
+        GraphSegLoss(CE, target="edges")

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import typer
 
-from flows.cli import data_cmd, demo_cmd, loss_cmd, report_cmd, retrain_cmd, search_cmd, serve_cmd, stage_cmd
+from flows.cli import (compare_cmd, data_cmd, demo_cmd, loss_cmd, report_cmd, retrain_cmd, search_cmd, serve_cmd,
+                       stage_cmd)
 
 app = typer.Typer(
     name="lossforge",
@@ -18,6 +19,7 @@ app.command("demo")(demo_cmd.demo)
 app.command("search")(search_cmd.search)
 app.command("retrain")(retrain_cmd.retrain)
 app.command("report")(report_cmd.report)
+app.command("compare")(compare_cmd.compare)
 app.command("serve")(serve_cmd.serve)
 app.command("stage")(stage_cmd.stage)
 

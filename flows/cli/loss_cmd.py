@@ -122,6 +122,7 @@ def check(
     lr: float = typer.Option(1e-3, help="SGD learning rate."),
     momentum: float = typer.Option(0.9, help="SGD momentum."),
     threshold: float = typer.Option(0.6, help="Rejection threshold η."),
+    gain: str = typer.Option("normalized", help="Acceptance rule: normalized (share of the headroom) or absolute (paper)."),
     seed: int = typer.Option(0, help="Seed for the probe samples and the random network."),
     model: str = typer.Option("lite", help="components.seg_models preset of the random network."),
 ) -> None:
@@ -133,7 +134,7 @@ def check(
     graph = load_graph(file)
     if "seg" not in graph.branches or graph.task != "segmentation":
         raise LossforgeError(f"{file}: `loss check` screens segmentation losses; this one is for task {graph.task!r}")
-    config = ScreeningConfig(samples=samples, steps=steps, lr=lr, momentum=momentum, threshold=threshold)
+    config = ScreeningConfig(samples=samples, steps=steps, lr=lr, momentum=momentum, threshold=threshold, gain=gain)
     dataset, where = _open_probe_dataset(data)
     with console.status("building the probe (random network predictions) ..."):
         problem = build_screening_problem(dataset, metric, num_classes=classes, samples=samples, size=size,
@@ -147,7 +148,7 @@ def check(
         result = screen(graph, problem, config, progress=lambda done, total: bar.update(task, completed=done))
     verdict = "[bold green]accepted[/]" if result.accepted else "[bold red]rejected[/]"
     g = "n/a" if result.score is None else f"{result.score:.4f}"
-    console.print(f"g = {g}  (threshold η = {threshold:g})")
+    console.print(f"g = {g}  (threshold η = {threshold:g}, gain {gain})")
     reason = "" if result.accepted else f" ({result.reason})"
     console.print(f"verdict: {verdict}{reason}", markup=True)
     fp = "none" if result.fingerprint is None else ", ".join(f"{v:g}" for v in result.fingerprint)

@@ -53,11 +53,16 @@ def progress_display(enabled: bool = True) -> Iterator[None]:
                 tasks[f"stage:{data['name']}"] = bars.add_task(data["name"], total=1, info="")
         elif kind == "search":
             counters = data.get("counters") or {}
-            info = ", ".join(f"{k}={counters[k]}" for k in ("generated", "duplicates", "failed", "nan_stopped")
-                             if k in counters)
+            info = ", ".join(f"{k}={counters[k]}" for k in ("generated", "accepted", "duplicates", "failed",
+                                                            "nan_stopped") if k in counters)
+            if data.get("best") is not None:
+                info = f"best={100 * data['best']:.1f}%" + (f" (CE {100 * data['ce']:.1f}%)" if data.get("ce") else "") \
+                    + ", " + info
             if "search" not in tasks:
                 tasks["search"] = bars.add_task("  proxy evaluations", total=data["total"], info=info)
             bars.update(tasks["search"], completed=data["done"], info=info)
+        elif kind == "warning":
+            bars.console.print(f"[yellow]warning:[/] {data.get('message', '')}")
         elif kind == "retrain" and "total" in data:
             if "retrain" not in tasks:
                 tasks["retrain"] = bars.add_task("  re-training iterations", total=data["total"], info="")
