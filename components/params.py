@@ -90,6 +90,7 @@ class SearchParams(_Section):
     out_dir: str = "losses"
     state_dir: str = ".lossforge/runs"
     task_retries: int = Field(1, ge=0)
+    confirm_top: int = Field(0, ge=0)  # re-evaluate the k best on the other proxy.seeds before choosing the best
 
     @field_validator("metric")
     @classmethod

@@ -61,6 +61,7 @@ from dataclasses import asdict, dataclass, replace
 from typing import TYPE_CHECKING, Callable, Literal, Mapping, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from components.errors import LossforgeError
@@ -247,6 +248,12 @@ class ProbeObjective:
             constants = {k: v.detach() for k, v in branch_inputs.items() if k not in dynamic}
             plan = self._fold(branch.tree.root, ops, dynamic, constants)
             self._plans.append((name, float(branch.weight), plan, ops))
+        self._programs: list[_Program] | None = None
+        if not normalize:
+            try:
+                self._programs = [_Program(plan) for _, _, plan, _ in self._plans]
+            except _NoManualGradient:
+                self._programs = None
 
     # A plan is ("const", tensor) | ("input", name) | ("op", fn, [child plans]).
     def _fold(self, node, ops, dynamic: set[str], constants: Mapping[str, Tensor]):
@@ -296,6 +303,403 @@ class ProbeObjective:
     def is_constant(self) -> bool:
         """True when no branch depends on the predictions at all (the gradient is identically zero)."""
         return all(plan[0] == "const" for _, _, plan, _ in self._plans)
+
+    @property
+    def manual(self) -> bool:
+        """True when `loss_and_grad` uses the hand-written backward (else autograd)."""
+        return self._programs is not None
+
+    def loss_and_grad(self, pred: Tensor) -> tuple[Tensor, Tensor]:
+        """(per-sample losses `(B,)`, detached; d Σ losses / d pred) for a leaf `pred` that requires grad.
+
+        The same values as `per_sample` + autograd; with the hand-written backward when the plan allows
+        it (see `_Program`), else with autograd.
+        """
+        if self._programs is not None:
+            try:
+                return self._manual_loss_and_grad(pred)
+            except Exception:  # noqa: BLE001 - e.g. an unexpected shape: autograd decides (and raises)
+                self._programs = None
+        with torch.enable_grad():
+            losses = self.per_sample(pred)
+            grad = _grad(losses, pred)
+        return losses.detach(), grad
+
+    def _manual_loss_and_grad(self, pred: Tensor) -> tuple[Tensor, Tensor]:
+        with torch.enable_grad():
+            inputs = self.build_inputs(pred, self.targets)
+        total = None
+        runs = []
+        with torch.no_grad():
+            for (name, weight, _, _), program in zip(self._plans, self._programs):
+                branch_inputs = inputs[name]
+                o, saved = program.forward(branch_inputs)
+                if o.shape != _first_tensor(branch_inputs).shape:
+                    raise _NoManualGradient("broadcast output")
+                masked = o * self.valid if self.valid is not None else o
+                value = masked.sum(dim=tuple(range(1, o.dim()))) * weight
+                total = value if total is None else total + value
+                runs.append((program, saved, branch_inputs, weight, o))
+            acc: dict[int, list] = {}
+            # autograd runs the later branch first; the root gradient is what Σ_b (Σ o·valid)·w sends back:
+            # the per-sample w expanded over the sample (times valid)
+            for program, saved, branch_inputs, weight, o in reversed(runs):
+                if program.root[0] == "const":
+                    continue
+                n = o.shape[0]
+                root = torch.full((n,), weight, dtype=o.dtype).view((n,) + (1,) * (o.dim() - 1)).expand(o.shape)
+                if self.valid is not None:
+                    root = root * self.valid
+                program.backward(saved, root, branch_inputs, acc)
+        if not acc:
+            return total.detach(), torch.zeros_like(pred)
+        tensors = [t for t, _ in acc.values()]
+        grads = [g for _, g in acc.values()]
+        grad = torch.autograd.grad(tensors, pred, grads, allow_unused=True)[0]
+        return total.detach(), torch.zeros_like(pred) if grad is None else grad
+
+
+# --------------------------------------------------------------------------------------------------
+# The objective's gradient without autograd: a hand-written backward of the folded plan.
+#
+# For the Table-1 operators (`autoloss_zero`) the tree is run forward under no_grad and its gradient
+# with respect to the prediction-dependent inputs (y_hat) is computed by `_Program.backward` with the
+# very formulas autograd uses (derivatives.yaml: MulBackward0 = grad·other, LogBackward0 = grad / self,
+# SqrtBackward0 = grad / (2·result), ReciprocalBackward0 = −grad·result², TanhBackward0 =
+# tanh_backward(grad, result), ExpandBackward0 = sum_to, MeanBackward1 = expand / n, ...), in the order
+# the autograd engine accumulates them (a node's consumers run in reverse creation order, the inputs of
+# one node in argument order), so the values are the ones autograd gives (tests/test_rejection.py checks
+# bit-for-bit equality on random trees). Only the prediction → inputs step (the softmax of
+# `build_inputs`) still goes through autograd. What it saves per SGD step: the autograd bookkeeping, the
+# zero gradients of sign(·) inside the sign-preserving log / sqrt, and above all PyTorch's CPU
+# max_pool2d (scalar code, ~10 ms per 3×3 pool at 5×21×64²), replaced by a separable maximum with the
+# same first-maximum routing of the gradient (`_pool3_forward` / `_pool3_backward`).
+# A plan with an operator without a rule here (the `cse` set), an Eq. 3 objective, or a shape that
+# needs broadcasting falls back to autograd.
+
+
+class _NoManualGradient(Exception):
+    """The objective cannot use the hand-written backward (the autograd path is used instead)."""
+
+
+_NEG_INF = float("-inf")
+
+
+def _first_max_masks(parts: Sequence[Tensor], top: Tensor) -> list[Tensor]:
+    """0/1 float masks choosing, per element, the first of `parts` equal to `top` (their maximum).
+
+    `part − top` is ≤ 0 and exactly 0 where they are equal (finite or −inf parts, finite top), so
+    sign(·) + 1 is the equality as a float, without the slow bool kernels.
+    """
+    masks: list[Tensor] = []
+    taken: Tensor | None = None
+    for i, part in enumerate(parts):
+        if i == len(parts) - 1:
+            last = taken.neg().add_(1)  # type: ignore[union-attr]
+            masks.append(last)
+            break
+        m = torch.sub(part, top).sign_().add_(1)
+        if taken is not None:
+            m.sub_(m * taken)
+            taken = taken + m
+        else:
+            taken = m
+        masks.append(m)
+    return masks
+
+
+def _pool3_forward(x: Tensor):
+    """3×3 max pooling (stride 1, padding 1) over the last two dims of a finite `x`, and what its
+    backward needs: the routing of PyTorch's CPU kernel (the first maximum of the window in row-major
+    order gets the gradient), as row masks (dy = −1, 0, 1) and, per row, column masks (dx = −1, 0, 1)."""
+    H, W = x.shape[-2], x.shape[-1]
+    planes = x.reshape(-1, H, W)
+    padded = F.pad(planes, (1, 1), value=_NEG_INF)
+    cols = (padded[..., :-2], padded[..., 1:-1], padded[..., 2:])
+    row_max = torch.maximum(torch.maximum(cols[0], cols[1]), cols[2])  # (P, H, W)
+    col_masks = _first_max_masks(cols, row_max)
+    rows_padded = F.pad(row_max, (0, 0, 1, 1), value=_NEG_INF)
+    rows = (rows_padded[:, :-2], rows_padded[:, 1:-1], rows_padded[:, 2:])
+    out = torch.maximum(torch.maximum(rows[0], rows[1]), rows[2])
+    row_masks = _first_max_masks(rows, out)
+    # column masks of rows −1 and H are never used (their row mask is 0): pad them with zeros
+    col_masks = [F.pad(m, (0, 0, 1, 1)) for m in col_masks]
+    return out.reshape(x.shape), (row_masks, col_masks, x)
+
+
+def _pool3_backward(saved, grad: Tensor) -> Tensor:
+    """Gradient of `_pool3_forward`: each output's gradient goes to its window's first maximum, and an
+    input's gradient is the sum over the outputs that chose it in row-major output order (as the CPU
+    max_pool2d backward kernel adds them), so the result equals that kernel's bit for bit."""
+    row_masks, col_masks, x = saved
+    shape = x.shape
+    H, W = shape[-2], shape[-1]
+    g = grad.reshape(-1, H, W)
+    acc = torch.zeros((g.shape[0], H + 2, W + 2), dtype=g.dtype)
+    # input (r, c) is reached from outputs (r − dy, c − dx); row-major output order = dy, dx descending
+    for dy in (1, 0, -1):
+        g_row = g * row_masks[dy + 1]
+        for dx in (1, 0, -1):
+            acc[:, 1 + dy:1 + dy + H, 1 + dx:1 + dx + W].addcmul_(g_row, col_masks[dx + 1][:, 1 + dy:1 + dy + H])
+    return acc[:, 1:-1, 1:-1].reshape(shape)
+
+
+def _aten_pool3_forward(x: Tensor):
+    H, W = x.shape[-2], x.shape[-1]
+    flat = x.reshape(-1, 1, H, W)
+    out, idx = torch.ops.aten.max_pool2d_with_indices(flat, [3, 3], [1, 1], [1, 1], [1, 1], False)
+    return out.reshape(x.shape), ("aten", flat, idx, x.shape)
+
+
+def _aten_pool3_backward(saved, grad: Tensor) -> Tensor:
+    _, flat, idx, shape = saved
+    gi = torch.ops.aten.max_pool2d_with_indices_backward(
+        grad.reshape(flat.shape), flat, [3, 3], [1, 1], [1, 1], [1, 1], False, idx)
+    return gi.reshape(shape)
+
+
+def _max_pool3(x: Tensor):
+    # the separable form needs finite values (−inf padding, sign of differences); anything else goes
+    # through PyTorch's kernel (a sum is non-finite iff some element is, or it overflows: then too)
+    if math.isfinite(float(x.sum())):
+        return _pool3_forward(x)
+    return _aten_pool3_forward(x)
+
+
+def _pool3_grad(saved, grad: Tensor) -> Tensor:
+    if saved[0] == "aten":
+        return _aten_pool3_backward(saved, grad)
+    if not math.isfinite(float(grad.sum())):  # masks would spread NaN (0·inf) where the kernel routes none
+        return _aten_pool3_backward(_aten_pool3_forward(saved[2])[1], grad)
+    return _pool3_backward(saved, grad)
+
+
+def _sum_to(grad: Tensor, shape: torch.Size) -> Tensor:
+    """at::sum_to (what ExpandBackward0 does): sum the dims where `shape` is 1, keepdim."""
+    dims = [i for i, (s, g) in enumerate(zip(shape, grad.shape)) if s == 1 and g != 1]
+    return grad.sum(dims, keepdim=True) if dims else grad
+
+
+# Rules: fwd(*children) -> (output, saved); bwd(saved, grad, need) -> per child a list of gradient
+# contributions (in the order autograd adds them) or None when that child needs none.
+
+
+def _rule_add():
+    def fwd(x, y):
+        return x + y, None
+
+    def bwd(_, g, need):
+        return [[g] if need[0] else None, [g] if need[1] else None]
+
+    return fwd, bwd
+
+
+def _rule_mul():
+    def fwd(x, y):
+        return x * y, (x, y)
+
+    def bwd(saved, g, need):
+        x, y = saved
+        return [[g * y] if need[0] else None, [g * x] if need[1] else None]
+
+    return fwd, bwd
+
+
+def _rule_neg():
+    return (lambda x: (-x, None)), (lambda _, g, need: [[-g]])
+
+
+def _rule_abs():
+    def fwd(x):
+        return torch.abs(x), x
+
+    def bwd(x, g, need):
+        return [[g * x.sgn()]]
+
+    return fwd, bwd
+
+
+def _rule_inv(eps: float):
+    def fwd(x):
+        r = torch.add(x, eps).reciprocal_()  # 1.0 / (x + ε) = reciprocal(x + ε) * 1.0
+        return r, r
+
+    def bwd(r, g, need):
+        return [[torch.mul(g, r * r).neg_()]]  # ReciprocalBackward0: −grad · result²
+
+    return fwd, bwd
+
+
+def _rule_signed(kind: str, eps: float):
+    """sign(x) · f(|x| + ε) for f = log or sqrt (the sign-preserving ops of Table 1)."""
+
+    def fwd(x):
+        s = torch.sign(x)
+        a = torch.abs(x).add_(eps)
+        if kind == "log":
+            return torch.log(a).mul_(s), (s, a)
+        r = torch.sqrt(a)
+        return s * r, (s, r)
+
+    def bwd(saved, g, need):
+        s, t = saved
+        if kind == "log":  # MulBackward0 (·sign), LogBackward0 (/ (|x|+ε)), AbsBackward0 (·sgn)
+            return [[torch.mul(g, s).div_(t).mul_(s)]]
+        return [[torch.mul(g, s).div_(2 * t).mul_(s)]]  # SqrtBackward0: grad / (2·result)
+
+    return fwd, bwd
+
+
+def _rule_exp():
+    def fwd(x):
+        out = torch.exp(x)
+        return out, out
+
+    return fwd, (lambda out, g, need: [[g * out]])
+
+
+def _rule_tanh():
+    def fwd(x):
+        out = torch.tanh(x)
+        return out, out
+
+    return fwd, (lambda out, g, need: [[torch.ops.aten.tanh_backward(g, out)]])
+
+
+def _rule_square():
+    def fwd(x):
+        return x * x, x
+
+    def bwd(x, g, need):  # x * x: MulBackward0 gives grad·x to both operands, added one after the other
+        return [[g * x, g * x]]
+
+    return fwd, bwd
+
+
+def _rule_mean(fn, dims: tuple[int, ...]):
+    def fwd(x):
+        out = fn(x)
+        return out, x.shape
+
+    def bwd(shape, g, need):
+        kept = list(shape)
+        for d in dims:
+            kept[d] = 1
+        n = 1
+        for d in dims:
+            n *= shape[d]
+        # ExpandBackward0 (sum_to the kept shape), then MeanBackward1 (expand, divide by n)
+        return [[_sum_to(g, torch.Size(kept)).expand(shape) / n]]
+
+    return fwd, bwd
+
+
+def _rule_pool(sign: int):
+    if sign > 0:
+        def fwd(x):
+            return _max_pool3(x)
+
+        def bwd(saved, g, need):
+            return [[_pool3_grad(saved, g)]]
+    else:  # min pool = −maxpool(−x)
+        def fwd(x):
+            out, saved = _max_pool3(-x)
+            return out.neg_(), saved
+
+        def bwd(saved, g, need):
+            return [[_pool3_grad(saved, -g).neg_()]]
+    return fwd, bwd
+
+
+_RULES: dict = {}
+
+
+def _manual_rules() -> dict:
+    """operator fn -> (fwd, bwd), for the operators with a hand-written backward."""
+    if not _RULES:
+        from components import operators as o
+
+        _RULES.update({
+            o.azl_add: _rule_add(), o.azl_mul: _rule_mul(), o.azl_neg: _rule_neg(), o.azl_abs: _rule_abs(),
+            o.azl_inv: _rule_inv(o.EPS), o.azl_log: _rule_signed("log", o.EPS),
+            o.azl_sqrt: _rule_signed("sqrt", o.EPS), o.azl_exp: _rule_exp(), o.azl_tanh: _rule_tanh(),
+            o.azl_square: _rule_square(), o.azl_mean_nhw: _rule_mean(o.azl_mean_nhw, (-4, -2, -1)),
+            o.azl_mean_c: _rule_mean(o.azl_mean_c, (-3,)), o.azl_max_pool3: _rule_pool(1),
+            o.azl_min_pool3: _rule_pool(-1),
+            o.cse_neg: _rule_neg(), o.cse_abs: _rule_abs(), o.cse_add: _rule_add(), o.cse_mul: _rule_mul(),
+            o.cse_tanh: _rule_tanh(),
+        })
+    return _RULES
+
+
+class _Program:
+    """One branch's folded plan as a list of instructions in evaluation order (children left to right,
+    then the node: the order `ProbeObjective._run` creates autograd nodes in)."""
+
+    def __init__(self, plan):
+        rules = _manual_rules()
+        self.instructions: list[tuple] = []  # (fwd, bwd, child refs)
+        self.root = self._emit(plan, rules)
+
+    def _emit(self, plan, rules):
+        kind = plan[0]
+        if kind != "op":
+            return plan  # ("const", tensor) | ("input", name)
+        rule = rules.get(plan[1])
+        if rule is None:
+            raise _NoManualGradient(getattr(plan[1], "__name__", "operator"))
+        refs = [self._emit(c, rules) for c in plan[2]]
+        self.instructions.append((rule[0], rule[1], refs))
+        return ("slot", len(self.instructions) - 1)
+
+    def forward(self, inputs: Mapping[str, Tensor]):
+        """(output, saved values per instruction); call under no_grad."""
+        values: list = []
+        saved: list = []
+
+        def get(ref):
+            if ref[0] == "slot":
+                return values[ref[1]]
+            if ref[0] == "input":
+                return inputs[ref[1]]
+            return ref[1]
+
+        for fwd, _, refs in self.instructions:
+            out, keep = fwd(*[get(r) for r in refs])
+            values.append(out)
+            saved.append(keep)
+        return get(self.root), saved
+
+    def backward(self, saved: list, grad: Tensor, inputs: Mapping[str, Tensor], acc: dict) -> None:
+        """Add the gradient of Σ(output · grad) w.r.t. the dynamic inputs to `acc` ({id: [tensor, grad]})."""
+
+        def add(ref, contributions):
+            for c in contributions:
+                if ref[0] == "slot":
+                    k = ref[1]
+                    grads[k] = c if grads[k] is None else grads[k] + c
+                else:
+                    t = inputs[ref[1]]
+                    entry = acc.get(id(t))
+                    if entry is None:
+                        acc[id(t)] = [t, c]
+                    else:
+                        entry[1] = entry[1] + c
+
+        grads: list = [None] * len(self.instructions)
+        if self.root[0] == "const":
+            return
+        add(self.root, [grad])
+        for k in range(len(self.instructions) - 1, -1, -1):
+            g = grads[k]
+            if g is None:
+                continue
+            grads[k] = None
+            _, bwd, refs = self.instructions[k]
+            need = [r[0] != "const" for r in refs]
+            for ref, contributions in zip(refs, bwd(saved[k], g, need)):
+                if contributions is not None:
+                    add(ref, contributions)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -369,10 +773,8 @@ def initial_gradient(graph: "LossGraph", problem: ScreeningProblem, samples: int
     samples = problem.samples if samples is None else samples
     objective = ProbeObjective(graph, problem, samples, normalize=False)
     pred = problem.init_predictions[:samples].detach().clone().requires_grad_(True)
-    with torch.enable_grad():
-        losses = objective.per_sample(pred)
-        grad = _grad(losses, pred)
-    return objective, pred, losses.detach(), grad
+    losses, grad = objective.loss_and_grad(pred)
+    return objective, pred, losses, grad
 
 
 def _grad(losses: Tensor, pred: Tensor) -> Tensor:
@@ -446,14 +848,13 @@ def _screen(graph, problem, config: ScreeningConfig, cache, start: float, progre
     steps_run = 0
     for step in range(config.steps):
         if step > 0:
-            with torch.enable_grad():
-                losses = objective.per_sample(pred)
-                grad = _grad(losses, pred)
+            losses, grad = objective.loss_and_grad(pred)
             if not bool(torch.isfinite(losses).all()):
                 return done(False, None, NAN_LOSS, fingerprint, step)
-            gmax = float(grad.abs().amax())
-            if not math.isfinite(gmax):
+            low, high = (float(v) for v in torch.aminmax(grad))  # one pass; NaN propagates
+            if not (math.isfinite(low) and math.isfinite(high)):
                 return done(False, None, NAN_GRADIENT, fingerprint, step)
+            gmax = max(-low, high)
         else:
             gmax = 1.0  # a zero gradient at step 0 was handled above
         with torch.no_grad():

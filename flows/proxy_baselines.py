@@ -70,30 +70,26 @@ def jobs(params: Params) -> list[dict[str, Any]]:
     return out
 
 
-def run_proxy_baselines(params: Params, data: dict[str, str], state: Path,
-                        tracker: SearchTracker | None = None) -> dict[str, Any]:
-    """Train (or read back) the proxy baselines, write `<state>/baselines.json`, log them; returns the summary."""
+def train_seeded_jobs(params: Params, data: dict[str, str], folder: Path, todo: list[dict[str, Any]],
+                      what: str = "proxy training") -> dict[str, dict[str, Any]]:
+    """Train jobs {"id", "hash", "loss", "seed"} on the search's proxy through the `proxy-training` task.
+
+    Jobs of one seed go in waves of `search.losses_per_training`; every result is stored atomically under
+    `folder` by the task itself (so a later run reads it back). Returns id -> result; a wave whose task
+    failed after its retries is reported "failed" (stored nowhere, tried again on the next run).
+    """
     import torch
 
     logger = get_run_logger()
-    folder = state / FOLDER
-    todo = jobs(params)
-    done: dict[str, dict[str, Any]] = {}
-    for job in todo:
-        stored = read_result(folder, job["id"], job["hash"])
-        if stored is not None:
-            done[job["id"]] = dict(stored, stored=True)
-    missing = [j for j in todo if j["id"] not in done]
-    logger.info("proxy baselines: %d stored, %d to train", len(done), len(missing))
-
     cfg = params.config("proxy")
     workers = params.search.workers
     threads = max(1, (os.cpu_count() or 1) // workers)
     group = params.search.losses_per_training
     threads_before = torch.get_num_threads()
+    done: dict[str, dict[str, Any]] = {}
     submitted = []
-    for seed in dict.fromkeys(j["seed"] for j in missing):
-        same_seed = [j for j in missing if j["seed"] == seed]
+    for seed in dict.fromkeys(j["seed"] for j in todo):
+        same_seed = [j for j in todo if j["seed"] == seed]
         for start in range(0, len(same_seed), group):
             chunk = same_seed[start:start + group]
             future = proxy_training.with_options(retries=params.search.task_retries, retry_delay_seconds=1).submit(
@@ -106,11 +102,28 @@ def run_proxy_baselines(params: Params, data: dict[str, str], state: Path,
             for res in future.result():
                 done[str(res["id"])] = dict(res, stored=True)
         except Exception as exc:  # retries used up: reported as failed, trained again on the next run
-            logger.warning("proxy baseline training %s failed: %s", [j["id"] for j in chunk], exc)
+            logger.warning("%s %s failed: %s", what, [j["id"] for j in chunk], exc)
             for job in chunk:
                 done[job["id"]] = {"status": "failed", "metrics": {}, "target": None, "iterations": 0,
                                    "seconds": 0.0, "message": f"{type(exc).__name__}: {exc}"[:2000], "stored": False}
     torch.set_num_threads(threads_before)  # the trainings set the process-wide thread count
+    return done
+
+
+def run_proxy_baselines(params: Params, data: dict[str, str], state: Path,
+                        tracker: SearchTracker | None = None) -> dict[str, Any]:
+    """Train (or read back) the proxy baselines, write `<state>/baselines.json`, log them; returns the summary."""
+    logger = get_run_logger()
+    folder = state / FOLDER
+    todo = jobs(params)
+    done: dict[str, dict[str, Any]] = {}
+    for job in todo:
+        stored = read_result(folder, job["id"], job["hash"])
+        if stored is not None:
+            done[job["id"]] = dict(stored, stored=True)
+    missing = [j for j in todo if j["id"] not in done]
+    logger.info("proxy baselines: %d stored, %d to train", len(done), len(missing))
+    done.update(train_seeded_jobs(params, data, folder, missing, "proxy baseline"))
 
     runs = [dict(done[j["id"]], id=j["id"], hash=j["hash"], key=f"{j['id']}-{j['hash']}", name=j["name"],
                  seed=j["seed"], spec=j["loss"]) for j in todo]

@@ -241,9 +241,12 @@ def search_loop_flow(params: Params, data: dict[str, str]) -> dict[str, Any]:
             results = _failed(cands, exc)
         record_results(results)
 
+    from flows.confirm_top import confirm_top  # the k best again with the other proxy seeds (search.confirm_top)
+    with timeline.measure("training"):
+        confirmed = confirm_top(params, method, data, state)
     timeline.end = time.time()
     _torch_threads(torch_threads_before)  # the trainings shared the cores; give them all back
-    summary = write_search_outputs(params, method, timeline)
+    summary = write_search_outputs(params, method, timeline, confirmed)
     if tracker is not None:
         best = summary.get("best") or {}
         tracker.log_final(
@@ -284,26 +287,39 @@ def _reported(method: SearchMethod) -> int:
     return int(c.get("evaluated", 0) + c.get("nan_stopped", 0) + c.get("failed", 0))
 
 
-def write_search_outputs(params: Params, method: SearchMethod, timeline: Timeline) -> dict[str, Any]:
-    """losses/<task>-<metric>/: best.json + best.py, the top-k losses, search.json (summary + progress curve)."""
+def write_search_outputs(params: Params, method: SearchMethod, timeline: Timeline,
+                         confirmed: dict[Any, list[Any]] | None = None) -> dict[str, Any]:
+    """losses/<task>-<metric>/: best.json + best.py, the top-k losses, search.json (summary + progress curve).
+
+    With `confirmed` (id -> targets of confirmation trainings), the best and the top-k are ranked by the
+    mean over the search score and those (components/confirmation.py)."""
+    from components.confirmation import confirmed_ranking
+
     out = losses_dir(params)
     out.mkdir(parents=True, exist_ok=True)
-    best = method.best()
+    evaluated = sorted(
+        (r for r in method.history if r["status"] == "evaluated" and r.get("target") is not None),
+        key=lambda r: (-r["target"], r["id"]),
+    )
+    ranked_all = confirmed_ranking(evaluated, confirmed or {})
+    best = ranked_all[0] if ranked_all else method.best()
     if best is None:
         raise LossforgeError(
             f"search {params.search_id}: no candidate finished with a valid score "
             f"(funnel: {method.counters}); raise search.budget or check the proxy settings"
         )
+    import shutil
+
+    for stale in (out / "best.json", out / "best.py"):  # a resumed or longer search may choose another loss
+        stale.unlink(missing_ok=True)
+    shutil.rmtree(out / "top", ignore_errors=True)
     best_json, _ = method.write_loss_files(best, out, "best")
-    ranked = sorted(
-        (r for r in method.history if r["status"] == "evaluated" and r.get("target") is not None),
-        key=lambda r: (-r["target"], r["id"]),
-    )[: params.report.top_k]
+    ranked = ranked_all[: params.report.top_k]
     top = []
     for rank, rec in enumerate(ranked, 1):
         method.write_loss_files(rec, out / "top", f"rank{rank}")
         top.append({k: rec.get(k) for k in ("id", "hash", "formula", "canonical", "target", "metrics",
-                                             "parent_id", "mutation")})
+                                             "parent_id", "mutation", "target_single", "target_std", "proxy_runs")})
     curve = method.progress()
     from flows.proxy_baselines import load_baselines  # proxy baselines section of search.json
     summary = {
@@ -316,7 +332,8 @@ def write_search_outputs(params: Params, method: SearchMethod, timeline: Timelin
         "counters": method.counters,
         "best_loss": {"type": method.loss_type, "path": str(best_json)},
         "best": {k: best.get(k) for k in ("id", "hash", "formula", "canonical", "target", "metrics",
-                                          "parent_id", "mutation", "screening_score")},
+                                          "parent_id", "mutation", "screening_score", "target_single",
+                                          "target_std", "proxy_runs")},
         "top": top,
         "top5_mean": curve[-1]["top5_mean"] if curve else None,
         "progress": curve,

@@ -171,8 +171,8 @@ def test_search_trains_baselines_once_and_the_report_uses_them(tmp_path):
     from test_flows_support import cli, prefect_server, write_tiny_params
 
     server = prefect_server()
-    write_tiny_params(tmp_path, search={"budget": 2, "workers": 2}, proxy={"seeds": [0, 1]},
-                      retrain={"baselines": ["ce", "soft_iou"]})
+    write_tiny_params(tmp_path, search={"budget": 2, "workers": 2, "confirm_top": 2}, proxy={"seeds": [0, 1]},
+                      retrain={"baselines": ["ce", "soft_iou"], "seeds": [0, 1], "top_k": 2})
     done = cli(["search", "--no-retrain"], tmp_path, PREFECT_API_URL=server.url)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     first = _baseline_results(tmp_path)
@@ -191,6 +191,18 @@ def test_search_trains_baselines_once_and_the_report_uses_them(tmp_path):
         ok = [r["target"] for r in results if r["status"] == "ok"]
         if ok:
             assert entry["target_mean"] == pytest.approx(sum(ok) / len(ok))
+
+    # confirmation: the 2 best candidates trained again with the other proxy seed (1); best = best mean
+    evaluated = [c for c in summary["candidates"] if c["status"] == "evaluated"]
+    confirmations = [json.loads(p.read_text()) for p in state.glob("confirm/results/*.json")]
+    assert len(confirmations) == min(2, len(evaluated))
+    assert all(c["id"].startswith("confirm-") and c["id"].endswith("-s1") for c in confirmations)
+    best = summary["best"]
+    if evaluated:
+        mine = next(c for c in confirmations if c["id"] == f"confirm-{best['id']}-s1")
+        if mine["status"] == "ok":
+            assert best["proxy_runs"] == 2
+            assert best["target"] == pytest.approx((best["target_single"] + mine["target"]) / 2)
 
     # a kill during the baselines: one result missing. The resumed search trains that one only.
     lost = sorted(first)[0]
@@ -221,9 +233,15 @@ def test_search_trains_baselines_once_and_the_report_uses_them(tmp_path):
     assert "CE on the proxy" in text and "## Proxy validity" in text
     comparison = json.loads((report / "comparison.json").read_text())
     summary = json.loads((tmp_path / "losses/segmentation-mIoU/search.json").read_text())
+    # one re-training task per seed, merged; the top-2 of the search re-trained as searched + rank2
+    assert comparison["seeds"] == [0, 1]
+    assert sorted(p.name for p in (report / "seeds").glob("*.json")) == ["comparison-s0.json", "comparison-s1.json"]
+    names = [r["name"] for r in comparison["rows"]]
+    assert names[0] == "searched" and names[-2:] == ["ce", "soft_iou"]
+    assert ("rank2" in names) == (len(summary["top"]) >= 2)
     expected = proxy_validity(summary, comparison, "mIoU")
     ok = {r["name"] for r in comparison["rows"] if r["status"] == "ok"}
-    assert set(expected["losses"]) == ok & {"searched", "ce", "soft_iou"} - {
+    assert set(expected["losses"]) == ok & {"searched", "rank2", "ce", "soft_iou"} - {
         n for n, e in summary["baselines"]["losses"].items() if e["target_mean"] is None}
     assert metrics["proxy_spearman_n"] == expected["n"]
     assert metrics["proxy_spearman"] == (None if expected["rho"] is None else pytest.approx(expected["rho"]))

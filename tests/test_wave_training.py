@@ -163,3 +163,22 @@ def test_cpu_proxy_learns_far_beyond_all_background():
     floor = _all_background_miou(evaluation)
     assert result.status == "ok"
     assert result.metrics["mIoU"] > floor + 0.2, (result.metrics, floor)
+
+
+def test_concurrent_waves_in_threads_equal_sequential_ones(scenes):
+    """The threads runner trains several waves at once in one process: results must not depend on it."""
+    from concurrent.futures import ThreadPoolExecutor
+    import dataclasses
+
+    train, evaluation = scenes
+    cfg = dataclasses.replace(WAVE, iterations=12)
+
+    def run(seed):
+        out = train_proxy({"ce": build_loss("ce"), "dice": build_loss("dice")}, train, evaluation,
+                          dataclasses.replace(cfg, seed=seed), "mIoU")
+        return {n: (r.final_loss, r.metrics) for n, r in out.items()}
+
+    sequential = [run(s) for s in (0, 1, 2, 3)]
+    with ThreadPoolExecutor(2) as pool:
+        concurrent = list(pool.map(run, (0, 1, 2, 3)))
+    assert concurrent == sequential
