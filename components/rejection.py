@@ -56,6 +56,7 @@ import hashlib
 import json
 import math
 import time
+import weakref
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from typing import TYPE_CHECKING, Callable, Literal, Mapping, Sequence
@@ -249,6 +250,10 @@ class ProbeObjective:
             plan = self._fold(branch.tree.root, ops, dynamic, constants)
             self._plans.append((name, float(branch.weight), plan, ops))
         self._programs: list[_Program] | None = None
+        # how the inputs depend on pred, found at the first manual call: (branch, input) keys and the
+        # softmax dim when they are all one softmax of pred (its backward is then called directly)
+        self._softmax: tuple | None = None
+        self._probed = False
         if not normalize:
             try:
                 self._programs = [_Program(plan) for _, _, plan, _ in self._plans]
@@ -326,8 +331,14 @@ class ProbeObjective:
         return losses.detach(), grad
 
     def _manual_loss_and_grad(self, pred: Tensor) -> tuple[Tensor, Tensor]:
-        with torch.enable_grad():
+        softmax = self._softmax
+        with torch.set_grad_enabled(softmax is None):
             inputs = self.build_inputs(pred, self.targets)
+        if softmax is not None:
+            keys, dim = softmax
+            t = inputs[keys[0][0]][keys[0][1]]
+            if any(inputs[b][k] is not t for b, k in keys):
+                raise _NoManualGradient("the inputs changed")
         total = None
         runs = []
         with torch.no_grad():
@@ -351,12 +362,41 @@ class ProbeObjective:
                 if self.valid is not None:
                     root = root * self.valid
                 program.backward(saved, root, branch_inputs, acc)
+        if not self._probed:
+            self._probed = True
+            self._softmax = self._probe_softmax(inputs, pred)
         if not acc:
             return total.detach(), torch.zeros_like(pred)
+        if softmax is not None:
+            # what SoftmaxBackward0 computes, without the autograd engine
+            (t, g), = acc.values()
+            return total, torch._softmax_backward_data(g, t, dim, pred.dtype)
         tensors = [t for t, _ in acc.values()]
         grads = [g for _, g in acc.values()]
         grad = torch.autograd.grad(tensors, pred, grads, allow_unused=True)[0]
         return total.detach(), torch.zeros_like(pred) if grad is None else grad
+
+    def _probe_softmax(self, inputs, pred: Tensor) -> tuple | None:
+        """((branch, input) keys, dim) when every prediction-dependent input the plans read is one tensor
+        softmax(pred, dim) (the segmentation probe's y_hat), else None (autograd does the inputs' part)."""
+        keys = []
+        for (name, _, _, _), program in zip(self._plans, self._programs):
+            keys += [(name, ref[1]) for _, _, refs in program.instructions for ref in refs if ref[0] == "input"]
+            if program.root[0] == "input":
+                keys.append((name, program.root[1]))
+        if not keys:
+            return None
+        t = inputs[keys[0][0]][keys[0][1]]
+        node = t.grad_fn
+        if any(inputs[b][k] is not t for b, k in keys) or node is None or node.name() != "SoftmaxBackward0":
+            return None
+        nexts = node.next_functions
+        if len(nexts) != 1 or getattr(nexts[0][0], "variable", None) is not pred:
+            return None
+        dim = int(node._saved_dim)
+        if dim >= 2**63:  # the saved int64 comes back as unsigned
+            dim -= 2**64
+        return tuple(dict.fromkeys(keys)), dim
 
 
 # --------------------------------------------------------------------------------------------------
@@ -385,93 +425,107 @@ class _NoManualGradient(Exception):
 _NEG_INF = float("-inf")
 
 
-def _first_max_masks(parts: Sequence[Tensor], top: Tensor) -> list[Tensor]:
-    """0/1 float masks choosing, per element, the first of `parts` equal to `top` (their maximum).
+class _Pool3:
+    """3×3 max pooling (stride 1, padding 1) over the last two dims, or min pooling (= −maxpool(−x))
+    with `sign` −1, with the gradient routing of PyTorch's CPU max_pool2d kernel, which gives each
+    output's gradient to the first maximum of its window in row-major order and adds an input's
+    contributions in row-major output order.
 
-    `part − top` is ≤ 0 and exactly 0 where they are equal (finite or −inf parts, finite top), so
-    sign(·) + 1 is the equality as a float, without the slow bool kernels.
+    Forward: a separable maximum (rows of 3, then columns of 3) plus 0/1 float masks of the first
+    maximum: per row of the window (dy = −1, 0, 1) and, per row, per column (dx = −1, 0, 1).
+    `part − max` is ≤ 0 and exactly 0 where they are equal (finite values, −inf padding), so
+    sign(·) + 1 is the equality as a float without the slow bool kernels. Backward: the nine
+    (dy, dx) routes added in the kernel's order, so the result is the kernel's bit for bit
+    (tests/test_rejection.py). Buffers are kept between steps (one instance per tree node).
+    Non-finite values (where the masks would be NaN) go through PyTorch's own kernel.
     """
-    masks: list[Tensor] = []
-    taken: Tensor | None = None
-    for i, part in enumerate(parts):
-        if i == len(parts) - 1:
-            last = taken.neg().add_(1)  # type: ignore[union-attr]
-            masks.append(last)
-            break
-        m = torch.sub(part, top).sign_().add_(1)
-        if taken is not None:
-            m.sub_(m * taken)
-            taken = taken + m
+
+    def __init__(self, sign: int):
+        self.sign = sign
+        self.key: tuple | None = None
+
+    def _buffers(self, x: Tensor) -> None:
+        H, W = x.shape[-2], x.shape[-1]
+        P = x.numel() // (H * W)
+        self.key = (tuple(x.shape), x.dtype)
+        new = lambda *shape: torch.empty(shape, dtype=x.dtype)  # noqa: E731
+        self.cols = torch.full((P, H, W + 2), _NEG_INF, dtype=x.dtype)  # x with −inf side columns
+        self.rows = torch.full((P, H + 2, W), _NEG_INF, dtype=x.dtype)  # row maxima, −inf top/bottom
+        self.col_masks = [torch.zeros((P, H + 2, W), dtype=x.dtype) for _ in range(3)]  # 0 rows −1, H
+        self.row_masks = [new(P, H, W) for _ in range(3)]
+        self.tmp = new(P, H, W)
+        self.acc = torch.zeros((P, H + 2, W + 2), dtype=x.dtype)
+        self.g_row = new(P, H, W)
+
+    def _masks(self, parts, top: Tensor, masks) -> None:
+        m0, m1, m2 = masks
+        torch.sub(parts[0], top, out=m0).sign_().add_(1)
+        torch.sub(parts[1], top, out=m1).sign_().add_(1)
+        m1.sub_(torch.mul(m1, m0, out=self.tmp))  # first maximum: not already taken by part 0
+        torch.add(m0, m1, out=m2).neg_().add_(1)
+
+    def fwd(self, x: Tensor):
+        if not math.isfinite(float(x.sum())):  # non-finite (or an overflowing sum): PyTorch's kernel
+            return self._aten_fwd(x)
+        if self.key != (tuple(x.shape), x.dtype):
+            self._buffers(x)
+        H, W = x.shape[-2], x.shape[-1]
+        inner = self.cols[..., 1:-1]
+        planes = x.reshape(-1, H, W)
+        if self.sign > 0:
+            inner.copy_(planes)
         else:
-            taken = m
-        masks.append(m)
-    return masks
+            torch.neg(planes, out=inner)
+        cols = (self.cols[..., :-2], inner, self.cols[..., 2:])
+        row_max = self.rows[:, 1:-1]
+        torch.maximum(torch.maximum(cols[0], cols[1], out=self.tmp), cols[2], out=row_max)
+        self._masks(cols, row_max, [m[:, 1:-1] for m in self.col_masks])
+        rows = (self.rows[:, :-2], row_max, self.rows[:, 2:])
+        out = torch.empty_like(planes)
+        torch.maximum(torch.maximum(rows[0], rows[1], out=self.tmp), rows[2], out=out)
+        self._masks(rows, out, self.row_masks)
+        if self.sign < 0:
+            out.neg_()
+        return out.reshape(x.shape), x
 
+    def bwd(self, x, g: Tensor, need):
+        if isinstance(x, tuple):
+            return [[self._aten_bwd(x, g)]]
+        if not math.isfinite(float(g.sum())):  # masks would spread NaN (0·inf) where the kernel routes none
+            return [[self._aten_bwd(self._aten_fwd(x)[1], g)]]
+        H, W = x.shape[-2], x.shape[-1]
+        planes = g.reshape(-1, H, W)
+        if self.sign < 0:
+            planes = -planes
+        acc = self.acc
+        acc.zero_()
+        # input (r, c) is reached from outputs (r − dy, c − dx); row-major output order = dy, dx descending
+        for dy in (1, 0, -1):
+            torch.mul(planes, self.row_masks[dy + 1], out=self.g_row)
+            for dx in (1, 0, -1):
+                acc[:, 1 + dy:1 + dy + H, 1 + dx:1 + dx + W].addcmul_(
+                    self.g_row, self.col_masks[dx + 1][:, 1 + dy:1 + dy + H])
+        grad = acc[:, 1:-1, 1:-1].clone(memory_format=torch.contiguous_format)
+        if self.sign < 0:
+            grad.neg_()
+        return [[grad.reshape(x.shape)]]
 
-def _pool3_forward(x: Tensor):
-    """3×3 max pooling (stride 1, padding 1) over the last two dims of a finite `x`, and what its
-    backward needs: the routing of PyTorch's CPU kernel (the first maximum of the window in row-major
-    order gets the gradient), as row masks (dy = −1, 0, 1) and, per row, column masks (dx = −1, 0, 1)."""
-    H, W = x.shape[-2], x.shape[-1]
-    planes = x.reshape(-1, H, W)
-    padded = F.pad(planes, (1, 1), value=_NEG_INF)
-    cols = (padded[..., :-2], padded[..., 1:-1], padded[..., 2:])
-    row_max = torch.maximum(torch.maximum(cols[0], cols[1]), cols[2])  # (P, H, W)
-    col_masks = _first_max_masks(cols, row_max)
-    rows_padded = F.pad(row_max, (0, 0, 1, 1), value=_NEG_INF)
-    rows = (rows_padded[:, :-2], rows_padded[:, 1:-1], rows_padded[:, 2:])
-    out = torch.maximum(torch.maximum(rows[0], rows[1]), rows[2])
-    row_masks = _first_max_masks(rows, out)
-    # column masks of rows −1 and H are never used (their row mask is 0): pad them with zeros
-    col_masks = [F.pad(m, (0, 0, 1, 1)) for m in col_masks]
-    return out.reshape(x.shape), (row_masks, col_masks, x)
+    def _aten_fwd(self, x: Tensor):
+        H, W = x.shape[-2], x.shape[-1]
+        flat = x.reshape(-1, 1, H, W)
+        if self.sign < 0:
+            flat = -flat
+        out, idx = torch.ops.aten.max_pool2d_with_indices(flat, [3, 3], [1, 1], [1, 1], [1, 1], False)
+        out = out.reshape(x.shape)
+        return (out.neg_() if self.sign < 0 else out), (flat, idx, x)
 
-
-def _pool3_backward(saved, grad: Tensor) -> Tensor:
-    """Gradient of `_pool3_forward`: each output's gradient goes to its window's first maximum, and an
-    input's gradient is the sum over the outputs that chose it in row-major output order (as the CPU
-    max_pool2d backward kernel adds them), so the result equals that kernel's bit for bit."""
-    row_masks, col_masks, x = saved
-    shape = x.shape
-    H, W = shape[-2], shape[-1]
-    g = grad.reshape(-1, H, W)
-    acc = torch.zeros((g.shape[0], H + 2, W + 2), dtype=g.dtype)
-    # input (r, c) is reached from outputs (r − dy, c − dx); row-major output order = dy, dx descending
-    for dy in (1, 0, -1):
-        g_row = g * row_masks[dy + 1]
-        for dx in (1, 0, -1):
-            acc[:, 1 + dy:1 + dy + H, 1 + dx:1 + dx + W].addcmul_(g_row, col_masks[dx + 1][:, 1 + dy:1 + dy + H])
-    return acc[:, 1:-1, 1:-1].reshape(shape)
-
-
-def _aten_pool3_forward(x: Tensor):
-    H, W = x.shape[-2], x.shape[-1]
-    flat = x.reshape(-1, 1, H, W)
-    out, idx = torch.ops.aten.max_pool2d_with_indices(flat, [3, 3], [1, 1], [1, 1], [1, 1], False)
-    return out.reshape(x.shape), ("aten", flat, idx, x.shape)
-
-
-def _aten_pool3_backward(saved, grad: Tensor) -> Tensor:
-    _, flat, idx, shape = saved
-    gi = torch.ops.aten.max_pool2d_with_indices_backward(
-        grad.reshape(flat.shape), flat, [3, 3], [1, 1], [1, 1], [1, 1], False, idx)
-    return gi.reshape(shape)
-
-
-def _max_pool3(x: Tensor):
-    # the separable form needs finite values (−inf padding, sign of differences); anything else goes
-    # through PyTorch's kernel (a sum is non-finite iff some element is, or it overflows: then too)
-    if math.isfinite(float(x.sum())):
-        return _pool3_forward(x)
-    return _aten_pool3_forward(x)
-
-
-def _pool3_grad(saved, grad: Tensor) -> Tensor:
-    if saved[0] == "aten":
-        return _aten_pool3_backward(saved, grad)
-    if not math.isfinite(float(grad.sum())):  # masks would spread NaN (0·inf) where the kernel routes none
-        return _aten_pool3_backward(_aten_pool3_forward(saved[2])[1], grad)
-    return _pool3_backward(saved, grad)
+    def _aten_bwd(self, saved, g: Tensor) -> Tensor:
+        flat, idx, x = saved
+        go = g.reshape(flat.shape)
+        if self.sign < 0:
+            go = -go
+        gi = torch.ops.aten.max_pool2d_with_indices_backward(go, flat, [3, 3], [1, 1], [1, 1], [1, 1], False, idx)
+        return (gi.neg_() if self.sign < 0 else gi).reshape(x.shape)
 
 
 def _sum_to(grad: Tensor, shape: torch.Size) -> Tensor:
@@ -595,20 +649,11 @@ def _rule_mean(fn, dims: tuple[int, ...]):
 
 
 def _rule_pool(sign: int):
-    if sign > 0:
-        def fwd(x):
-            return _max_pool3(x)
+    def make():
+        pool = _Pool3(sign)
+        return pool.fwd, pool.bwd
 
-        def bwd(saved, g, need):
-            return [[_pool3_grad(saved, g)]]
-    else:  # min pool = −maxpool(−x)
-        def fwd(x):
-            out, saved = _max_pool3(-x)
-            return out.neg_(), saved
-
-        def bwd(saved, g, need):
-            return [[_pool3_grad(saved, -g).neg_()]]
-    return fwd, bwd
+    return make
 
 
 _RULES: dict = {}
@@ -648,6 +693,8 @@ class _Program:
         rule = rules.get(plan[1])
         if rule is None:
             raise _NoManualGradient(getattr(plan[1], "__name__", "operator"))
+        if callable(rule):  # a rule with state (buffers): one instance per node
+            rule = rule()
         refs = [self._emit(c, rules) for c in plan[2]]
         self.instructions.append((rule[0], rule[1], refs))
         return ("slot", len(self.instructions) - 1)
@@ -728,16 +775,27 @@ def _one_line(exc: BaseException) -> str:
     return f"error: {type(exc).__name__}: {msg}" if msg else f"error: {type(exc).__name__}"
 
 
-def correlation_gain(problem: ScreeningProblem, initial: Tensor, final: Tensor, gain: str = "normalized") -> float:
+def correlation_gain(problem: ScreeningProblem, initial: Tensor, final: Tensor | None, gain: str = "normalized",
+                     *, baseline: tuple | None = None):
     """g of the protocol for predictions moved from `initial` to `final` (the first B probe samples).
 
     "absolute": mean_b ξ(final) − ξ(initial); "normalized": mean over samples with headroom of
     (ξ(final) − ξ(initial)) / (ξ(perfect) − ξ(initial)).
+    (Internal: with `final` None it returns the baseline (ξ(initial), ξ(perfect)) that `baseline=`
+    takes back, so a probe's constant metrics are computed once.)
     """
     n = initial.shape[0]
     targets = problem.targets[:n]
     with torch.inference_mode():
-        before = problem.metric(initial, targets).double()
+        if baseline is None:
+            before = problem.metric(initial, targets).double()
+            best = None
+            if gain == "normalized" and problem.perfect_predictions is not None:
+                best = problem.metric(problem.perfect_predictions[:n], targets).double()
+            if final is None:
+                return before, best
+        else:
+            before, best = baseline
         after = problem.metric(final, targets).double()
         if gain == "absolute":
             return float((after - before).mean())
@@ -746,7 +804,6 @@ def correlation_gain(problem: ScreeningProblem, initial: Tensor, final: Tensor, 
         if problem.perfect_predictions is None:
             raise LossforgeError("screening: gain 'normalized' needs the problem's perfect_predictions "
                                  "(or use screening.gain: absolute)")
-        best = problem.metric(problem.perfect_predictions[:n], targets).double()
     headroom = best - before
     keep = headroom > HEADROOM_EPS
     if not bool(keep.any()):
@@ -756,8 +813,37 @@ def correlation_gain(problem: ScreeningProblem, initial: Tensor, final: Tensor, 
     return float(((after - before)[keep] / headroom[keep]).mean())
 
 
+_BASELINES: "weakref.WeakKeyDictionary[ScreeningProblem, dict]" = weakref.WeakKeyDictionary()
+
+
 def _score(problem: ScreeningProblem, initial: Tensor, final: Tensor, config: ScreeningConfig) -> float:
     return correlation_gain(problem, initial, final, config.gain)
+
+
+def _probe_score(problem: ScreeningProblem, final: Tensor, config: ScreeningConfig) -> float:
+    """g of `final` against the probe's initial predictions; ξ(initial) and ξ(perfect) (the same for every
+    candidate) are computed once per problem."""
+    n = final.shape[0]
+    initial = problem.init_predictions[:n].detach()
+    cached = _BASELINES.setdefault(problem, {})
+    key = (n, config.gain)
+    if key not in cached:
+        cached[key] = correlation_gain(problem, initial, None, config.gain)
+    return correlation_gain(problem, initial, final, config.gain, baseline=cached[key])
+
+
+def _all_finite(values: Tensor) -> bool:
+    """All elements finite (for a small tensor such as the per-sample losses)."""
+    return all(math.isfinite(v) for v in values.tolist())
+
+
+def _bit_equal(a: Tensor, b: Tensor) -> bool:
+    """Same bits (unlike torch.equal, −0.0 ≠ +0.0 and a NaN equals the same NaN)."""
+    if a.dtype == torch.float32:
+        return torch.equal(a.view(torch.int32), b.view(torch.int32))
+    if a.dtype == torch.float64:
+        return torch.equal(a.view(torch.int64), b.view(torch.int64))
+    return False
 
 
 def _verdict(score: float, threshold: float) -> tuple[bool, str]:
@@ -811,8 +897,6 @@ def screen(
 
 def _screen(graph, problem, config: ScreeningConfig, cache, start: float, progress=None) -> ScreeningResult:
     n = config.samples
-    with torch.no_grad():
-        initial = problem.init_predictions[:n].detach()
     objective, pred, losses, grad = initial_gradient(graph, problem, n)
 
     def done(accepted, score, reason, fp, steps):
@@ -821,7 +905,7 @@ def _screen(graph, problem, config: ScreeningConfig, cache, start: float, progre
             cache.put_screening(fp, res, config.digest(), graph)
         return res
 
-    if not bool(torch.isfinite(losses).all()):
+    if not _all_finite(losses):
         return done(False, None, NAN_LOSS, None, 0)
     fingerprint = fingerprint_from_grad(grad)
     if fingerprint is None or not bool(torch.isfinite(grad).all()):
@@ -846,35 +930,42 @@ def _screen(graph, problem, config: ScreeningConfig, cache, start: float, progre
     lr, momentum = config.lr, config.momentum
     buf: Tensor | None = None
     steps_run = 0
+    same = False  # the last update left pred bit-for-bit unchanged: its loss and gradient are unchanged too
+    settled = False  # ... and the momentum buffer reached a fixed point of buf ← momentum·buf + grad
     for step in range(config.steps):
-        if step > 0:
+        if step > 0 and not same:
             losses, grad = objective.loss_and_grad(pred)
-            if not bool(torch.isfinite(losses).all()):
+            if not _all_finite(losses):
                 return done(False, None, NAN_LOSS, fingerprint, step)
             low, high = (float(v) for v in torch.aminmax(grad))  # one pass; NaN propagates
             if not (math.isfinite(low) and math.isfinite(high)):
                 return done(False, None, NAN_GRADIENT, fingerprint, step)
             gmax = max(-low, high)
-        else:
+        elif step == 0:
             gmax = 1.0  # a zero gradient at step 0 was handled above
         with torch.no_grad():
             if buf is None:
                 buf = grad.detach().clone()
+            elif same:
+                new_buf = torch.mul(buf, momentum).add_(grad)
+                settled = _bit_equal(new_buf, buf)
+                buf = new_buf
             else:
                 buf.mul_(momentum).add_(grad)
-            if gmax == 0.0 and config.stop_when_frozen:
-                # Zero gradient and an update that changes no value: the gradient stays zero and the
-                # momentum only shrinks, so no later update changes a value either. Skip the rest.
-                if torch.equal(torch.add(pred, buf, alpha=-lr), pred):
-                    break
-            pred.add_(buf, alpha=-lr)
+            moved = torch.add(pred, buf, alpha=-lr)
+            same = _bit_equal(moved, pred)
+            if same and config.stop_when_frozen and (gmax == 0.0 or settled):
+                # The update changes no value and the next one is the same again (a zero gradient
+                # with a shrinking momentum, or a momentum at its fixed point): frozen for good.
+                break
+            pred = moved.requires_grad_(True)
         steps_run = step + 1
         if progress is not None and (steps_run % 10 == 0 or steps_run == config.steps):
             progress(steps_run, config.steps)
         if config.early_check_step is not None and steps_run == config.early_check_step < config.steps:
             if not bool(torch.isfinite(pred).all()):
                 return done(False, None, NAN_LOSS, fingerprint, steps_run)
-            g_early = _score(problem, initial, pred.detach(), config)
+            g_early = _probe_score(problem, pred.detach(), config)
             if g_early <= config.early_check_min_gain:
                 return done(False, g_early, EARLY_REJECT, fingerprint, steps_run)
 
@@ -883,7 +974,7 @@ def _screen(graph, problem, config: ScreeningConfig, cache, start: float, progre
         # the loss/gradient at the final predictions is never used by SGD; only finiteness matters
         if not bool(torch.isfinite(final).all()):
             return done(False, None, NAN_LOSS, fingerprint, steps_run)
-    score = _score(problem, initial, final, config)
+    score = _probe_score(problem, final, config)
     accepted, reason = _verdict(score, config.threshold)
     return done(accepted, score, reason, fingerprint, steps_run)
 
