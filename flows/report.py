@@ -100,7 +100,13 @@ def ce_margin(summary: dict[str, Any], metric: str) -> tuple[dict[str, Any], str
     else:
         line += f" (one seed), margin {margin:+.4f}. With one seed the noise is unknown: set `proxy.seeds` " \
                 "(e.g. [0, 1, 2]) to train the baselines over several seeds."
-    line += " The searched loss is trained with the candidates' proxy seed only."
+    runs = int((summary.get("best") or {}).get("proxy_runs") or 1)
+    if runs > 1:
+        line += (f" The searched loss's score is its mean over {runs} proxy seeds ± "
+                 f"{float((summary.get('best') or {}).get('target_std') or 0):.4f} (`search.confirm_top`).")
+    else:
+        line += (" The searched loss's score is one proxy training (the best of many: expect it to be optimistic; "
+                 "`search.confirm_top` re-trains the best few with the other proxy seeds).")
     return figures, line
 
 
