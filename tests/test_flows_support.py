@@ -26,7 +26,7 @@ PYTHON = sys.executable
 TINY = {
     "data": {"num_train": 20, "num_test": 6, "image_size": 32},
     "split": {"eval_fraction": 0.25},
-    "search": {"budget": 3, "workers": 2, "losses_per_training": 1, "confirm_top": 0},
+    "search": {"budget": 3, "workers": 2, "losses_per_training": 1, "confirm_top": 0, "runner": "threads"},
     "evolution": {"initial_population": 2},
     "screening": {"samples": 2, "steps": 20, "size": 32},
     "proxy": {"model": {"input_size": 32}, "iterations": 3, "batch_size": 4, "eval_batch_size": 8, "seeds": [0]},
