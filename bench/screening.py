@@ -10,11 +10,14 @@ classes of a randomly initialised network):
 * real: `screen` (batched over samples, constant folding, exact early exits) with a fresh in-memory
   gradient-equivalence cache, over `--workers` processes.
 
-Prints both throughputs (candidates/min), the verdict agreement between the two, the accepted fraction
-and the reason histogram, and as the last line `ratio: <real/naive>x`.
+Prints both throughputs (candidates/min, ms per candidate), the verdict agreement between the two, the
+accepted fraction and the reason histogram, and as the last line `ratio: <real/naive>x`. The real
+implementation must give the naive reference's verdicts and reasons: any candidate where they differ is
+listed and the exit status is 1 (after the figures).
 
     python bench/screening.py                      # paper settings: 200 candidates, 64², 21 classes, B=5, 500 steps
     python bench/screening.py --candidates 40 --size 32 --steps 100   # quick
+    python bench/screening.py --size 32 --classes 8 --samples 3 --steps 60 --lr 0.01   # the demo's protocol
 """
 
 from __future__ import annotations
@@ -80,6 +83,7 @@ def main(argv=None) -> None:
     ap.add_argument("--classes", type=int, default=21)
     ap.add_argument("--steps", type=int, default=500)
     ap.add_argument("--samples", type=int, default=5)
+    ap.add_argument("--lr", type=float, default=ScreeningConfig.lr)
     ap.add_argument("--metric", default="mIoU")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--workers", type=int, default=2, help="processes for the real implementation")
@@ -98,7 +102,7 @@ def main(argv=None) -> None:
 
     load = os.getloadavg()
     print(f"settings: {args.candidates} candidates, probe {args.size}x{args.size}, {args.classes} classes, "
-          f"B={args.samples}, {args.steps} steps, metric {args.metric}, seed {args.seed}, "
+          f"B={args.samples}, {args.steps} steps, lr {args.lr:g}, metric {args.metric}, seed {args.seed}, "
           f"torch threads {torch.get_num_threads()}, workers {args.workers}, cpus {os.cpu_count()}")
     print(f"load average at start: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
 
@@ -106,7 +110,7 @@ def main(argv=None) -> None:
     problem = build_screening_problem(dataset, args.metric, num_classes=args.classes, samples=args.samples,
                                       size=args.size, seed=args.seed)
     stream = candidate_stream(args.candidates, args.seed)
-    base = ScreeningConfig(samples=args.samples, steps=args.steps)
+    base = ScreeningConfig(samples=args.samples, steps=args.steps, lr=args.lr)
     real_cfg = base  # the library default: the paper's verdicts
 
     naive_idx = list(range(0, len(stream), max(1, args.naive_every)))
@@ -121,7 +125,8 @@ def main(argv=None) -> None:
 
     early = None
     if args.early_check_step:
-        early_cfg = ScreeningConfig(samples=args.samples, steps=args.steps, early_check_step=args.early_check_step)
+        early_cfg = ScreeningConfig(samples=args.samples, steps=args.steps, lr=args.lr,
+                                    early_check_step=args.early_check_step)
         t0 = time.perf_counter()
         early = screen_many(stream, problem, early_cfg, cache=EquivalenceCache(None, problem.key), workers=args.workers)
         early_s = time.perf_counter() - t0
@@ -143,6 +148,11 @@ def main(argv=None) -> None:
           f"{full} ran all {args.steps} steps")
     print(f"agreement naive vs real on the {k} candidates screened both ways: verdict {same_verdict}/{k}, "
           f"reason {same_reason}/{k}")
+    differ = [i for (a, b), i in zip(pairs, naive_idx) if (a.accepted, a.reason) != (b.accepted, b.reason)]
+    for i in differ:
+        a, b = naive[naive_idx.index(i)], real[i]
+        print(f"MISMATCH candidate {i}: naive {a.reason} (g={a.score}), real {b.reason} (g={b.score}): "
+              f"{stream[i].canonical()}")
     if early is not None:
         agree = sum(a.accepted == b.accepted for a, b in zip(real, early))
         lost = sum(a.accepted and not b.accepted for a, b in zip(real, early))
@@ -151,9 +161,11 @@ def main(argv=None) -> None:
               f"to the full protocol for {agree}/{n}, falsely rejected {lost}")
     load = os.getloadavg()
     print(f"load average at end: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
-    print(f"naive: {k} candidates in {naive_s:.1f} s = {naive_rate:.1f} candidates/min")
-    print(f"real:  {n} candidates in {real_s:.1f} s = {real_rate:.1f} candidates/min")
+    print(f"naive: {k} candidates in {naive_s:.1f} s = {naive_rate:.1f} candidates/min ({naive_s / k * 1000:.1f} ms each)")
+    print(f"real:  {n} candidates in {real_s:.1f} s = {real_rate:.1f} candidates/min ({real_s / n * 1000:.1f} ms each)")
     print(f"ratio: {real_rate / naive_rate:.1f}x")
+    if differ:
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -32,11 +32,22 @@ the other.
   samples are independent, so the summed loss gives every sample its own gradient in one pass;
 * constant folding: sub-trees that do not depend on the predictions (e.g. `mul(y, 1)`) are computed
   once instead of at each of the 500 steps (bit-for-bit the same values);
+* a hand-written backward (`_Program`, for the Table-1 operators): the tree runs under no_grad and its
+  gradient is computed with autograd's own formulas in autograd's order (bit-for-bit the same
+  gradient), the softmax's backward is called directly, 3×3 pooling is a separable maximum with the
+  CPU kernel's gradient routing (`_Pool3`; PyTorch's CPU max_pool2d is scalar code, ~10 ms a call at
+  5×21×64²), and a large probe is processed one sample at a time so that a step's tensors stay in
+  the cache. Other operator sets and the Eq. 3 objective use autograd;
 * exact early exits that cannot change a verdict: a NaN/Inf loss or gradient ends the run at once
   (the verdict is "nan_*" whatever happens later); a gradient that is exactly zero at the initial
   predictions means SGD never moves them (g = 0, "zero_gradient"); a zero gradient later on whose
   update no longer changes the predictions means they are frozen for good, so the remaining steps
   are skipped and g is computed from the frozen predictions;
+* exact reuse of unchanged steps: when an update leaves the predictions bit-for-bit unchanged (an
+  update below half an ulp, e.g. a loss whose gradient is only rounding noise such as inv(mean_c(ŷ))),
+  the next loss and gradient are the same again, so only the momentum is advanced; once the momentum
+  reaches its fixed point as well, nothing can change any more and the remaining steps are skipped;
+* ξ of the initial and of the perfect predictions (the same for every candidate) computed once per probe;
 * the gradient-equivalence cache (`components.equivalence`): the gradient norms at the initial
   predictions are the first SGD step's gradient anyway, so the fingerprint is free and a candidate
   whose fingerprint was already screened (under the same problem and config) reuses that outcome;
@@ -254,6 +265,7 @@ class ProbeObjective:
         # softmax dim when they are all one softmax of pred (its backward is then called directly)
         self._softmax: tuple | None = None
         self._probed = False
+        self._roots: dict[tuple, Tensor] = {}  # root gradients (constant) per branch, chunk and shape
         if not normalize:
             try:
                 self._programs = [_Program(plan) for _, _, plan, _ in self._plans]
@@ -272,7 +284,7 @@ class ProbeObjective:
         children = [self._fold(c, ops, dynamic, constants) for c in node.children]
         if all(c[0] == "const" for c in children):
             with torch.no_grad():
-                return ("const", op.fn(*[c[1] for c in children]))
+                return ("const", _fold_fn(op.fn)(*[c[1] for c in children]))
         return ("op", op.fn, children)
 
     @staticmethod
@@ -309,6 +321,8 @@ class ProbeObjective:
         """True when no branch depends on the predictions at all (the gradient is identically zero)."""
         return all(plan[0] == "const" for _, _, plan, _ in self._plans)
 
+    CHUNK_MIN_NUMEL = 1 << 17  # predictions at least this large are screened one probe sample at a time
+
     @property
     def manual(self) -> bool:
         """True when `loss_and_grad` uses the hand-written backward (else autograd)."""
@@ -317,8 +331,9 @@ class ProbeObjective:
     def loss_and_grad(self, pred: Tensor) -> tuple[Tensor, Tensor]:
         """(per-sample losses `(B,)`, detached; d Σ losses / d pred) for a leaf `pred` that requires grad.
 
-        The same values as `per_sample` + autograd; with the hand-written backward when the plan allows
-        it (see `_Program`), else with autograd.
+        With the hand-written backward when the plan allows it (see `_Program`), else with autograd; the
+        gradient is autograd's bit for bit, the losses (only ever checked for being finite) are the same
+        sums, added up per sample when the probe is processed one sample at a time.
         """
         if self._programs is not None:
             try:
@@ -332,49 +347,96 @@ class ProbeObjective:
 
     def _manual_loss_and_grad(self, pred: Tensor) -> tuple[Tensor, Tensor]:
         softmax = self._softmax
-        with torch.set_grad_enabled(softmax is None):
-            inputs = self.build_inputs(pred, self.targets)
-        if softmax is not None:
-            keys, dim = softmax
-            t = inputs[keys[0][0]][keys[0][1]]
-            if any(inputs[b][k] is not t for b, k in keys):
-                raise _NoManualGradient("the inputs changed")
+        if softmax is None:  # inputs through autograd (and, the first time, find out whether they are a softmax)
+            with torch.enable_grad():
+                inputs = self.build_inputs(pred, self.targets)
+            total, acc = self._manual_pass(inputs, None)
+            if not self._probed:
+                self._probed = True
+                self._softmax = self._probe_softmax(inputs, pred)
+            if not acc:
+                return total, torch.zeros_like(pred)
+            tensors = [t for t, _ in acc.values()]
+            grads = [g for _, g in acc.values()]
+            grad = torch.autograd.grad(tensors, pred, grads, allow_unused=True)[0]
+            return total, torch.zeros_like(pred) if grad is None else grad
+        # The inputs the plans read are all softmax(pred, dim) (checked by _probe_softmax): compute it
+        # here and call its backward (what SoftmaxBackward0 computes) without the autograd engine.
+        # A large probe goes one sample at a time (the samples are independent): the working set of a
+        # step stays in the cache, ~25 % faster at 5×21×64², the same gradient (the per-sample loss is
+        # summed as the naive reference sums it). Small probes are faster in one piece. A sample must
+        # fill whole SIMD blocks (a precaution: PyTorch may compute a tensor's last partial block with
+        # scalar code, so every element goes through the code it goes through in the batched tensor).
+        keys, dim = softmax
+        chunked = pred.numel() >= self.CHUNK_MIN_NUMEL and pred[0].numel() % 64 == 0
+        chunks = range(pred.shape[0]) if chunked else (None,)
+        totals = []
+        grad = None
+        for b in chunks:
+            with torch.no_grad():
+                y = torch.softmax(pred if b is None else pred[b:b + 1], dim)
+            inputs: dict[str, dict[str, Tensor]] = {name: {} for name, _, _, _ in self._plans}
+            for branch, key in keys:
+                inputs[branch][key] = y
+            for branch_inputs in inputs.values():
+                branch_inputs.setdefault("", y)  # the shape reference of a branch that reads no input
+            total, acc = self._manual_pass(inputs, b, sliced=True)
+            totals.append(total)
+            if acc:
+                (tb, gb), = acc.values()
+                if grad is None:
+                    grad = torch.empty_like(pred, requires_grad=False)
+                torch.ops.aten._softmax_backward_data.out(gb, tb, dim, pred.dtype,
+                                                          grad_input=grad if b is None else grad[b:b + 1])
+        total = totals[0] if len(totals) == 1 else torch.cat(totals)
+        return total, torch.zeros_like(pred) if grad is None else grad
+
+    def _manual_pass(self, inputs, chunk: int | None, sliced: bool = False) -> tuple[Tensor, dict]:
+        """Forward and hand-written backward of every branch (on sample `chunk` only, if given; `sliced`:
+        the inputs are that sample's already): (per-sample losses, {id(input): [input, d loss / d input]})."""
+        valid = self.valid
+        if chunk is not None and valid is not None:
+            valid = valid[chunk:chunk + 1]
+        if chunk is not None and not sliced:
+            views: dict[int, Tensor] = {}
+
+            def cut(v):
+                if not isinstance(v, Tensor):
+                    return v
+                if id(v) not in views:
+                    views[id(v)] = v[chunk:chunk + 1]
+                return views[id(v)]
+
+            inputs = {name: {k: cut(v) for k, v in branch.items()} for name, branch in inputs.items()}
         total = None
         runs = []
         with torch.no_grad():
             for (name, weight, _, _), program in zip(self._plans, self._programs):
                 branch_inputs = inputs[name]
-                o, saved = program.forward(branch_inputs)
+                o, saved = program.forward(branch_inputs, chunk)
                 if o.shape != _first_tensor(branch_inputs).shape:
                     raise _NoManualGradient("broadcast output")
-                masked = o * self.valid if self.valid is not None else o
+                masked = o * valid if valid is not None else o
                 value = masked.sum(dim=tuple(range(1, o.dim()))) * weight
                 total = value if total is None else total + value
                 runs.append((program, saved, branch_inputs, weight, o))
             acc: dict[int, list] = {}
-            # autograd runs the later branch first; the root gradient is what Σ_b (Σ o·valid)·w sends back:
-            # the per-sample w expanded over the sample (times valid)
+            # autograd runs the later branch first
             for program, saved, branch_inputs, weight, o in reversed(runs):
                 if program.root[0] == "const":
                     continue
-                n = o.shape[0]
-                root = torch.full((n,), weight, dtype=o.dtype).view((n,) + (1,) * (o.dim() - 1)).expand(o.shape)
-                if self.valid is not None:
-                    root = root * self.valid
+                key = (id(program), chunk, tuple(o.shape))
+                root = self._roots.get(key)
+                if root is None:
+                    # what Σ_b (Σ o·valid)·w sends back to o: the per-sample w expanded over the sample
+                    # (a stride-0 view, as autograd's), times valid
+                    n = o.shape[0]
+                    root = torch.full((n,), weight, dtype=o.dtype).view((n,) + (1,) * (o.dim() - 1)).expand(o.shape)
+                    if valid is not None:
+                        root = root * valid
+                    self._roots[key] = root
                 program.backward(saved, root, branch_inputs, acc)
-        if not self._probed:
-            self._probed = True
-            self._softmax = self._probe_softmax(inputs, pred)
-        if not acc:
-            return total.detach(), torch.zeros_like(pred)
-        if softmax is not None:
-            # what SoftmaxBackward0 computes, without the autograd engine
-            (t, g), = acc.values()
-            return total, torch._softmax_backward_data(g, t, dim, pred.dtype)
-        tensors = [t for t, _ in acc.values()]
-        grads = [g for _, g in acc.values()]
-        grad = torch.autograd.grad(tensors, pred, grads, allow_unused=True)[0]
-        return total.detach(), torch.zeros_like(pred) if grad is None else grad
+        return total, acc
 
     def _probe_softmax(self, inputs, pred: Tensor) -> tuple | None:
         """((branch, input) keys, dim) when every prediction-dependent input the plans read is one tensor
@@ -402,20 +464,20 @@ class ProbeObjective:
 # --------------------------------------------------------------------------------------------------
 # The objective's gradient without autograd: a hand-written backward of the folded plan.
 #
-# For the Table-1 operators (`autoloss_zero`) the tree is run forward under no_grad and its gradient
-# with respect to the prediction-dependent inputs (y_hat) is computed by `_Program.backward` with the
-# very formulas autograd uses (derivatives.yaml: MulBackward0 = grad·other, LogBackward0 = grad / self,
-# SqrtBackward0 = grad / (2·result), ReciprocalBackward0 = −grad·result², TanhBackward0 =
-# tanh_backward(grad, result), ExpandBackward0 = sum_to, MeanBackward1 = expand / n, ...), in the order
-# the autograd engine accumulates them (a node's consumers run in reverse creation order, the inputs of
-# one node in argument order), so the values are the ones autograd gives (tests/test_rejection.py checks
-# bit-for-bit equality on random trees). Only the prediction → inputs step (the softmax of
-# `build_inputs`) still goes through autograd. What it saves per SGD step: the autograd bookkeeping, the
-# zero gradients of sign(·) inside the sign-preserving log / sqrt, and above all PyTorch's CPU
-# max_pool2d (scalar code, ~10 ms per 3×3 pool at 5×21×64²), replaced by a separable maximum with the
-# same first-maximum routing of the gradient (`_pool3_forward` / `_pool3_backward`).
-# A plan with an operator without a rule here (the `cse` set), an Eq. 3 objective, or a shape that
-# needs broadcasting falls back to autograd.
+# For the Table-1 operators (`autoloss_zero`, and the same ops of `cse`) the tree is run forward under
+# no_grad and its gradient with respect to the prediction-dependent inputs (y_hat) is computed by
+# `_Program.backward` with the very formulas autograd uses (derivatives.yaml: MulBackward0 = grad·other,
+# LogBackward0 = grad / self, SqrtBackward0 = grad / (2·result), ReciprocalBackward0 = −grad·result²,
+# TanhBackward0 = tanh_backward(grad, result), ExpandBackward0 = sum_to, MeanBackward1 = expand / n,
+# ...), in the order the autograd engine accumulates them (a node's consumers run in reverse creation
+# order, the inputs of one node in argument order; the zero gradient of sign(·) is left out, adding it
+# changes no value), so the gradient is the one autograd gives, bit for bit (tests/test_rejection.py
+# checks it on random trees). When the plans read nothing but softmax(pred) (the segmentation probe's
+# y_hat; `ProbeObjective._probe_softmax` checks the autograd graph once), the softmax and its backward
+# (`_softmax_backward_data`, what SoftmaxBackward0 calls) are called directly too. What this saves per
+# SGD step: the autograd bookkeeping, the zero gradients of sign(·) inside the sign-preserving log and
+# sqrt, and above all PyTorch's CPU max_pool2d (scalar code), replaced by `_Pool3`. A plan with an
+# operator without a rule here, an Eq. 3 objective, or a shape that needs broadcasting uses autograd.
 
 
 class _NoManualGradient(Exception):
@@ -427,17 +489,16 @@ _NEG_INF = float("-inf")
 
 class _Pool3:
     """3×3 max pooling (stride 1, padding 1) over the last two dims, or min pooling (= −maxpool(−x))
-    with `sign` −1, with the gradient routing of PyTorch's CPU max_pool2d kernel, which gives each
-    output's gradient to the first maximum of its window in row-major order and adds an input's
-    contributions in row-major output order.
+    with `sign` −1, with PyTorch's gradient: its CPU backward kernel, given the indices its forward
+    kernel would give (the first maximum of each window in row-major order).
 
-    Forward: a separable maximum (rows of 3, then columns of 3) plus 0/1 float masks of the first
-    maximum: per row of the window (dy = −1, 0, 1) and, per row, per column (dx = −1, 0, 1).
-    `part − max` is ≤ 0 and exactly 0 where they are equal (finite values, −inf padding), so
-    sign(·) + 1 is the equality as a float without the slow bool kernels. Backward: the nine
-    (dy, dx) routes added in the kernel's order, so the result is the kernel's bit for bit
-    (tests/test_rejection.py). Buffers are kept between steps (one instance per tree node).
-    Non-finite values (where the masks would be NaN) go through PyTorch's own kernel.
+    PyTorch's CPU max_pool2d forward is scalar code (~10 ms a call at 5×21×64²). Here: a separable
+    maximum (rows of 3, then columns of 3) plus 0/1 float masks of the first maximum, from comparisons
+    written into float tensors (the bool kernels are several times slower); the window's first maximum
+    is in the first row whose maximum is the window's, at that row's first maximum, so the flat index is
+    (i + dy)·W + j + dx(i + dy, j), computed exactly in float (small integers). Buffers are kept between
+    steps (one instance per tree node). Inputs with a non-finite value (a −inf could tie with the −inf
+    padding, a NaN with nothing) go through PyTorch's forward kernel.
     """
 
     def __init__(self, sign: int):
@@ -449,66 +510,60 @@ class _Pool3:
         P = x.numel() // (H * W)
         self.key = (tuple(x.shape), x.dtype)
         new = lambda *shape: torch.empty(shape, dtype=x.dtype)  # noqa: E731
-        self.cols = torch.full((P, H, W + 2), _NEG_INF, dtype=x.dtype)  # x with −inf side columns
-        self.rows = torch.full((P, H + 2, W), _NEG_INF, dtype=x.dtype)  # row maxima, −inf top/bottom
-        self.col_masks = [torch.zeros((P, H + 2, W), dtype=x.dtype) for _ in range(3)]  # 0 rows −1, H
+        cols = torch.full((P, H, W + 2), _NEG_INF, dtype=x.dtype)  # x with −inf side columns
+        rows = torch.full((P, H + 2, W), _NEG_INF, dtype=x.dtype)  # row maxima, −inf top/bottom
+        dx = torch.zeros((P, H + 2, W), dtype=x.dtype)  # per row: column offset of its first maximum
+        self.shape, self.W = (P, H, W), W
+        self.tmp, self.col_first, self.col_last = new(P, H, W), new(P, H, W), new(P, H, W)
         self.row_masks = [new(P, H, W) for _ in range(3)]
-        self.tmp = new(P, H, W)
-        self.acc = torch.zeros((P, H + 2, W + 2), dtype=x.dtype)
-        self.g_row = new(P, H, W)
+        self.offset, self.flat = new(P, H, W), new(P, H, W)
+        self.base = torch.arange(H * W, dtype=x.dtype).view(H, W)  # i·W + j
+        self.idx = torch.empty((P, 1, H, W), dtype=torch.int64)
+        # views, made once
+        self.x_in = cols[..., 1:-1]
+        self.col_parts = (cols[..., :-2], self.x_in, cols[..., 2:])
+        self.row_max = rows[:, 1:-1]
+        self.row_parts = (rows[:, :-2], self.row_max, rows[:, 2:])
+        self.dx_in = dx[:, 1:-1]
+        self.dx_rows = (dx[:, :-2], self.dx_in, dx[:, 2:])  # rows i − 1, i, i + 1 (0 outside)
 
-    def _masks(self, parts, top: Tensor, masks) -> None:
-        m0, m1, m2 = masks
-        torch.sub(parts[0], top, out=m0).sign_().add_(1)
-        torch.sub(parts[1], top, out=m1).sign_().add_(1)
-        m1.sub_(torch.mul(m1, m0, out=self.tmp))  # first maximum: not already taken by part 0
-        torch.add(m0, m1, out=m2).neg_().add_(1)
+    def _max3(self, parts, out: Tensor, first: Tensor, middle: Tensor | None, last: Tensor) -> None:
+        """out = max of the three parts; 0/1 float masks choosing the first maximum (in part order):
+        part 0 iff it is ≥ both others, part 2 iff it is > both others, else part 1."""
+        a, b, c = parts
+        torch.maximum(a, b, out=self.tmp)
+        torch.maximum(self.tmp, c, out=out)
+        torch.gt(c, self.tmp, out=last)
+        torch.ge(a, torch.maximum(b, c, out=self.tmp), out=first)
+        if middle is not None:
+            torch.add(first, last, out=middle).neg_().add_(1)  # 1 − first − last (0/1 values: exact)
 
     def fwd(self, x: Tensor):
-        if not math.isfinite(float(x.sum())):  # non-finite (or an overflowing sum): PyTorch's kernel
+        if not math.isfinite(float(x.sum())):  # a non-finite value (or an overflowing sum): PyTorch's kernel
             return self._aten_fwd(x)
         if self.key != (tuple(x.shape), x.dtype):
             self._buffers(x)
-        H, W = x.shape[-2], x.shape[-1]
-        inner = self.cols[..., 1:-1]
-        planes = x.reshape(-1, H, W)
+        planes = x.view(self.shape) if x.is_contiguous() else x.reshape(self.shape)
         if self.sign > 0:
-            inner.copy_(planes)
+            self.x_in.copy_(planes)
         else:
-            torch.neg(planes, out=inner)
-        cols = (self.cols[..., :-2], inner, self.cols[..., 2:])
-        row_max = self.rows[:, 1:-1]
-        torch.maximum(torch.maximum(cols[0], cols[1], out=self.tmp), cols[2], out=row_max)
-        self._masks(cols, row_max, [m[:, 1:-1] for m in self.col_masks])
-        rows = (self.rows[:, :-2], row_max, self.rows[:, 2:])
-        out = torch.empty_like(planes)
-        torch.maximum(torch.maximum(rows[0], rows[1], out=self.tmp), rows[2], out=out)
-        self._masks(rows, out, self.row_masks)
+            torch.neg(planes, out=self.x_in)
+        self._max3(self.col_parts, self.row_max, self.col_first, None, self.col_last)
+        torch.sub(self.col_last, self.col_first, out=self.dx_in)  # −1, 0 or 1
+        out = torch.empty(self.shape, dtype=x.dtype)
+        up, mid, down = self.row_masks
+        self._max3(self.row_parts, out, up, mid, down)
+        # flat index of the first maximum: (i + dy)·W + j + dx(i + dy, j), dy = down − up
+        offset = torch.mul(up, self.dx_rows[0], out=self.offset)
+        offset.addcmul_(mid, self.dx_rows[1]).addcmul_(down, self.dx_rows[2])
+        flat = torch.sub(down, up, out=self.flat).mul_(self.W).add_(offset).add_(self.base)
+        self.idx.view(self.shape).copy_(flat)
         if self.sign < 0:
             out.neg_()
-        return out.reshape(x.shape), x
+        return out.view(x.shape), (planes.view(self.idx.shape), self.idx, x)
 
-    def bwd(self, x, g: Tensor, need):
-        if isinstance(x, tuple):
-            return [[self._aten_bwd(x, g)]]
-        if not math.isfinite(float(g.sum())):  # masks would spread NaN (0·inf) where the kernel routes none
-            return [[self._aten_bwd(self._aten_fwd(x)[1], g)]]
-        H, W = x.shape[-2], x.shape[-1]
-        planes = g.reshape(-1, H, W)
-        if self.sign < 0:
-            planes = -planes
-        acc = self.acc
-        acc.zero_()
-        # input (r, c) is reached from outputs (r − dy, c − dx); row-major output order = dy, dx descending
-        for dy in (1, 0, -1):
-            torch.mul(planes, self.row_masks[dy + 1], out=self.g_row)
-            for dx in (1, 0, -1):
-                acc[:, 1 + dy:1 + dy + H, 1 + dx:1 + dx + W].addcmul_(
-                    self.g_row, self.col_masks[dx + 1][:, 1 + dy:1 + dy + H])
-        grad = acc[:, 1:-1, 1:-1].clone(memory_format=torch.contiguous_format)
-        if self.sign < 0:
-            grad.neg_()
-        return [[grad.reshape(x.shape)]]
+    def bwd(self, saved, g: Tensor, need):
+        return [[self._aten_bwd(saved, g)]]
 
     def _aten_fwd(self, x: Tensor):
         H, W = x.shape[-2], x.shape[-1]
@@ -656,6 +711,17 @@ def _rule_pool(sign: int):
     return make
 
 
+def _fold_fn(fn):
+    """The function that computes a constant sub-tree node: the operator's own, except 3×3 pooling,
+    whose forward is `_Pool3`'s (the same values; PyTorch's CPU max_pool2d is scalar code)."""
+    from components import operators as o
+
+    if fn is o.azl_max_pool3 or fn is o.azl_min_pool3:
+        pool = _Pool3(1 if fn is o.azl_max_pool3 else -1)
+        return lambda x: pool.fwd(x)[0]
+    return fn
+
+
 _RULES: dict = {}
 
 
@@ -685,6 +751,7 @@ class _Program:
         rules = _manual_rules()
         self.instructions: list[tuple] = []  # (fwd, bwd, child refs)
         self.root = self._emit(plan, rules)
+        self._views: dict[tuple, Tensor] = {}  # per-sample views of the constants
 
     def _emit(self, plan, rules):
         kind = plan[0]
@@ -699,8 +766,9 @@ class _Program:
         self.instructions.append((rule[0], rule[1], refs))
         return ("slot", len(self.instructions) - 1)
 
-    def forward(self, inputs: Mapping[str, Tensor]):
-        """(output, saved values per instruction); call under no_grad."""
+    def forward(self, inputs: Mapping[str, Tensor], chunk: int | None = None):
+        """(output, saved values per instruction); call under no_grad. With `chunk`, the inputs are
+        sample `chunk` of the probe (`[chunk:chunk+1]`) and so are the constants."""
         values: list = []
         saved: list = []
 
@@ -709,7 +777,13 @@ class _Program:
                 return values[ref[1]]
             if ref[0] == "input":
                 return inputs[ref[1]]
-            return ref[1]
+            if chunk is None:
+                return ref[1]
+            key = (id(ref[1]), chunk)
+            view = self._views.get(key)
+            if view is None:
+                view = self._views[key] = ref[1][chunk:chunk + 1]
+            return view
 
         for fwd, _, refs in self.instructions:
             out, keep = fwd(*[get(r) for r in refs])
@@ -837,6 +911,11 @@ def _all_finite(values: Tensor) -> bool:
     return all(math.isfinite(v) for v in values.tolist())
 
 
+def _tensor_finite(values: Tensor) -> bool:
+    """All elements finite, in one pass (min and max are NaN/Inf if any element is)."""
+    return all(math.isfinite(float(v)) for v in torch.aminmax(values.detach()))
+
+
 def _bit_equal(a: Tensor, b: Tensor) -> bool:
     """Same bits (unlike torch.equal, −0.0 ≠ +0.0 and a NaN equals the same NaN)."""
     if a.dtype == torch.float32:
@@ -898,21 +977,22 @@ def screen(
 def _screen(graph, problem, config: ScreeningConfig, cache, start: float, progress=None) -> ScreeningResult:
     n = config.samples
     objective, pred, losses, grad = initial_gradient(graph, problem, n)
+    digest = config.digest() if cache is not None else None
 
     def done(accepted, score, reason, fp, steps):
         res = ScreeningResult(accepted, score, reason, fp, time.perf_counter() - start, steps)
         if cache is not None and fp is not None:
-            cache.put_screening(fp, res, config.digest(), graph)
+            cache.put_screening(fp, res, digest, graph)
         return res
 
     if not _all_finite(losses):
         return done(False, None, NAN_LOSS, None, 0)
     fingerprint = fingerprint_from_grad(grad)
-    if fingerprint is None or not bool(torch.isfinite(grad).all()):
+    if fingerprint is None:  # a NaN/Inf element makes its sample's norm NaN/Inf
         return done(False, None, NAN_GRADIENT, None, 0)
 
     if cache is not None:
-        hit = cache.get_screening(fingerprint, config.digest())
+        hit = cache.get_screening(fingerprint, digest)
         if hit is not None:
             return replace(hit, seconds=time.perf_counter() - start, cached=True, fingerprint=fingerprint, steps_run=0)
 
@@ -931,13 +1011,14 @@ def _screen(graph, problem, config: ScreeningConfig, cache, start: float, progre
     buf: Tensor | None = None
     steps_run = 0
     same = False  # the last update left pred bit-for-bit unchanged: its loss and gradient are unchanged too
+    spare: Tensor | None = None
     settled = False  # ... and the momentum buffer reached a fixed point of buf ← momentum·buf + grad
     for step in range(config.steps):
         if step > 0 and not same:
             losses, grad = objective.loss_and_grad(pred)
             if not _all_finite(losses):
                 return done(False, None, NAN_LOSS, fingerprint, step)
-            low, high = (float(v) for v in torch.aminmax(grad))  # one pass; NaN propagates
+            low, high = (float(v) for v in torch.aminmax(grad))  # one pass; NaN/Inf show in min or max
             if not (math.isfinite(low) and math.isfinite(high)):
                 return done(False, None, NAN_GRADIENT, fingerprint, step)
             gmax = max(-low, high)
@@ -952,18 +1033,20 @@ def _screen(graph, problem, config: ScreeningConfig, cache, start: float, progre
                 buf = new_buf
             else:
                 buf.mul_(momentum).add_(grad)
-            moved = torch.add(pred, buf, alpha=-lr)
+            if spare is None:
+                spare = torch.empty_like(pred)
+            moved = torch.add(pred, buf, alpha=-lr, out=spare)
             same = _bit_equal(moved, pred)
             if same and config.stop_when_frozen and (gmax == 0.0 or settled):
                 # The update changes no value and the next one is the same again (a zero gradient
                 # with a shrinking momentum, or a momentum at its fixed point): frozen for good.
                 break
-            pred = moved.requires_grad_(True)
+            pred, spare = moved.requires_grad_(True), pred  # two buffers, used in turn
         steps_run = step + 1
         if progress is not None and (steps_run % 10 == 0 or steps_run == config.steps):
             progress(steps_run, config.steps)
         if config.early_check_step is not None and steps_run == config.early_check_step < config.steps:
-            if not bool(torch.isfinite(pred).all()):
+            if not _tensor_finite(pred):
                 return done(False, None, NAN_LOSS, fingerprint, steps_run)
             g_early = _probe_score(problem, pred.detach(), config)
             if g_early <= config.early_check_min_gain:
@@ -972,7 +1055,7 @@ def _screen(graph, problem, config: ScreeningConfig, cache, start: float, progre
     final = pred.detach()
     if config.steps > 0:
         # the loss/gradient at the final predictions is never used by SGD; only finiteness matters
-        if not bool(torch.isfinite(final).all()):
+        if not _tensor_finite(final):
             return done(False, None, NAN_LOSS, fingerprint, steps_run)
     score = _probe_score(problem, final, config)
     accepted, reason = _verdict(score, config.threshold)

@@ -27,7 +27,7 @@ def confirm_top(params: Params, method: Any, data: dict[str, str], state: Path) 
     """id -> confirmation targets (one per extra seed) of the k best evaluated candidates ({} when off)."""
     k = params.search.confirm_top
     seeds = confirmation_seeds(proxy_seeds(params), params.config("proxy").seed)
-    if k <= 0 or not seeds:
+    if k <= 0 or not seeds or method.loss_type != "graph":  # PPO keeps its own best (the policy mean μ)
         return {}
     ranked = sorted((r for r in method.history if r["status"] == "evaluated" and r.get("target") is not None),
                     key=lambda r: (-r["target"], r["id"]))[:k]

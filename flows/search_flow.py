@@ -304,8 +304,11 @@ def write_search_outputs(params: Params, method: SearchMethod, timeline: Timelin
         (r for r in method.history if r["status"] == "evaluated" and r.get("target") is not None),
         key=lambda r: (-r["target"], r["id"]),
     )
-    ranked_all = confirmed_ranking(evaluated, confirmed or {})
-    best = ranked_all[0] if ranked_all else method.best()
+    if confirmed:  # evolution with search.confirm_top: best mean over the proxy seeds
+        ranked_all = confirmed_ranking(evaluated, confirmed)
+        best = ranked_all[0]
+    else:  # the method's own notion of best (PPO: the best policy mean μ, not the luckiest sample)
+        ranked_all, best = evaluated, method.best()
     if best is None:
         raise LossforgeError(
             f"search {params.search_id}: no candidate finished with a valid score "

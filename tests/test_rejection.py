@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from components import operators, rejection
 from components.errors import LossforgeError
 from components.generation import TreeGenerator
 from components.loss_graph import LossGraph, Node
@@ -185,3 +186,117 @@ def test_ignored_pixels_are_masked_in_the_objective():
     fast, naive = screen(CE, problem, cfg), screen_naive(CE, problem, cfg)
     assert fast.accepted and (fast.reason, fast.fingerprint) == (naive.reason, naive.fingerprint)
     assert fast.score == pytest.approx(naive.score, abs=1e-9)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The hand-written backward, the pooling and the reuse of unchanged steps give autograd's numbers.
+
+
+def _autograd_loss_and_grad(objective, pred):
+    with torch.enable_grad():
+        losses = objective.per_sample(pred)
+        return losses.detach(), rejection._grad(losses, pred)
+
+
+def _same_values(a, b):
+    """Equal, NaN where the other is NaN (-0.0 == 0.0: no value differs)."""
+    return torch.equal(a.isnan(), b.isnan()) and torch.equal(torch.nan_to_num(a, nan=0.0), torch.nan_to_num(b, nan=0.0))
+
+
+def _random_graphs(n, seed, operator_set="autoloss_zero"):
+    gen = TreeGenerator(operator_set, depth=3, rng=random.Random(seed))
+    out = []
+    while len(out) < n:
+        fresh = len(out) < 10 or gen.rng.random() < 0.3
+        out.append(gen.random_graph("segmentation") if fresh else gen.offspring(out[gen.rng.randrange(len(out))])[0])
+    return out
+
+
+@pytest.mark.parametrize("ignore_band, size", [(0, 12), (1, 12), (1, 10)])
+@pytest.mark.parametrize("chunked", [False, True])
+def test_hand_written_backward_is_autograd_bit_for_bit(monkeypatch, ignore_band, size, chunked):
+    """Random Table-1 trees (pools, means, signed log/sqrt, inv, ...): the same gradient as autograd, bit for
+    bit, on the first call (inputs through autograd) and the later ones (softmax called directly, one sample
+    at a time when `chunked` and a sample fills whole SIMD blocks: 8·12² does, 8·10² does not), also at
+    large logits (saturated softmax, ties in the pools)."""
+    monkeypatch.setattr(ProbeObjective, "CHUNK_MIN_NUMEL", 0 if chunked else 1 << 40)
+    problem = build_screening_problem(shapes_items(6, ignore_band=ignore_band), "mIoU", num_classes=8,
+                                      samples=3, size=size, seed=2)
+    assert (problem.valid is not None) == bool(ignore_band)
+    for graph in _random_graphs(80, seed=13 + ignore_band):
+        objective = ProbeObjective(graph, problem, samples=3)
+        assert objective.manual, graph.canonical()
+        for scale in (1.0, 40.0):
+            pred = (problem.init_predictions[:3] * scale).clone().requires_grad_(True)
+            want_losses, want = _autograd_loss_and_grad(objective, pred)
+            for _ in range(2):  # the first call probes the inputs, the second uses the direct softmax
+                losses, grad = objective._manual_loss_and_grad(pred)
+                assert _same_values(grad, want), (graph.canonical(), scale)
+                assert torch.allclose(losses, want_losses, rtol=1e-6, equal_nan=True), (graph.canonical(), scale)
+        assert objective.is_constant() or objective._softmax is not None  # the direct softmax was used
+
+
+def test_pooling_routes_the_gradient_as_pytorchs_kernel():
+    """_Pool3 (separable max, the kernel's first-maximum indices computed from masks) = max_pool2d /
+    −max_pool2d(−x) with autograd: ties (integer values, signed zeros), non-finite inputs (PyTorch's
+    forward kernel) and gradients."""
+    gen = torch.Generator().manual_seed(0)
+    cases = [torch.randint(0, 3, (2, 1, 3, 9, 7), generator=gen).float(),
+             torch.randint(-1, 2, (2, 1, 3, 9, 7), generator=gen).float() * 0.0,  # +0.0 and -0.0
+             torch.randn(2, 1, 3, 9, 7, generator=gen)]
+    with_inf = torch.randn(2, 1, 3, 9, 7, generator=gen)
+    with_inf[0, 0, 1, 4, 3], with_inf[1, 0, 2, 0, 0] = float("inf"), float("-inf")
+    cases.append(with_inf)
+    for sign in (1, -1):
+        for x in cases:
+            for g in (torch.randn(x.shape, generator=gen), torch.full(x.shape, float("inf"))):
+                leaf = x.clone().requires_grad_(True)
+                with torch.enable_grad():
+                    flat = leaf.reshape(-1, 1, *x.shape[-2:])
+                    ref = torch.nn.functional.max_pool2d(flat if sign > 0 else -flat, 3, 1, 1)
+                    ref = (ref if sign > 0 else -ref).reshape(x.shape)
+                want, = torch.autograd.grad(ref, leaf, g)
+                pool = rejection._Pool3(sign)
+                _, ref_idx = torch.nn.functional.max_pool2d(flat.detach() * sign, 3, 1, 1, return_indices=True)
+                for _ in range(2):  # buffers are reused
+                    out, saved = pool.fwd(x)
+                    got = pool.bwd(saved, g, [True])[0][0]
+                    assert _same_values(out, ref.detach()) and _same_values(got, want), (sign, x.flatten()[:5])
+                    assert torch.equal(saved[1], ref_idx)
+
+
+def test_unchanged_steps_are_reused_and_a_settled_run_stops(small_problem):
+    """Mean_c(ŷ) is 1/C whatever ŷ: its gradient is rounding noise (~1e-7), and at the paper's lr no update
+    moves the logits. The steps are reused (momentum only) and the run stops once the momentum is at its
+    fixed point; the outcome is the naive reference's, and the same with stop_when_frozen off (all steps,
+    reused)."""
+    graph = seg(N("mean_c", L("y_hat")))
+    cfg = ScreeningConfig(samples=3, steps=300, lr=1e-3, threshold=0.05)
+    fast, naive = screen(graph, small_problem, cfg), screen_naive(graph, small_problem, cfg)
+    assert (fast.accepted, fast.reason, fast.score, fast.fingerprint) == (naive.accepted, naive.reason, naive.score, naive.fingerprint)
+    assert fast.score == 0.0 and 0 < fast.steps_run < 300
+    slow = screen(graph, small_problem, ScreeningConfig(samples=3, steps=300, lr=1e-3, threshold=0.05, stop_when_frozen=False))
+    assert (slow.accepted, slow.reason, slow.score) == (fast.accepted, fast.reason, fast.score) and slow.steps_run == 300
+
+
+def test_screen_equals_the_autograd_path(small_problem, monkeypatch):
+    """Whole runs: with the hand-written backward the outcome (verdict, reason, g, fingerprint, steps) is
+    the one of the autograd objective, exactly."""
+    cfg = ScreeningConfig(samples=3, steps=40, lr=0.05, threshold=0.05)
+    graphs = _stream(24, seed=17)
+    fast = [screen(g, small_problem, cfg) for g in graphs]
+    monkeypatch.setattr(rejection, "_manual_rules", lambda: {})
+    slow = [screen(g, small_problem, cfg) for g in graphs]
+    key = lambda r: (r.accepted, r.reason, r.score, r.fingerprint, r.steps_run)  # noqa: E731
+    assert [key(r) for r in fast] == [key(r) for r in slow]
+    assert not ProbeObjective(CE, small_problem, samples=3).manual  # (the monkeypatch did switch it off)
+
+
+def test_constant_pooling_is_folded_with_the_same_values(small_problem):
+    """Constant sub-trees with 3×3 pooling (of y, of 1) are folded with _Pool3's forward: the values of
+    max_pool2d, also for the -inf/inf an exploding constant can hold."""
+    y = small_problem.build_inputs(small_problem.init_predictions, small_problem.targets)["seg"]["y"]
+    exploding = torch.exp(torch.exp(torch.exp(y * 10)))  # inf where y = 1
+    for fn in (operators.azl_max_pool3, operators.azl_min_pool3):
+        for x in (y, -y, exploding, -exploding):
+            assert _same_values(rejection._fold_fn(fn)(x), fn(x)), fn.__name__
