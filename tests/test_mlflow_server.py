@@ -41,7 +41,10 @@ def test_search_logged_to_mlflow_server(tmp_path):
         parent_files = {a.path for d in ("search", "retrain", "report") for a in client.list_artifacts(parent.info.run_id, d)}
         assert {"search/best.json", "search/best.py", "retrain/comparison.md", "report/progress.png"} <= parent_files
 
-        children = client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+        nested = client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+        baselines = [c for c in nested if c.data.tags.get("baseline") == "true"]
+        assert [b.data.tags["baseline_name"] for b in baselines] == ["ce"]  # CE on the proxy, one seed
+        children = [c for c in nested if c.data.tags.get("baseline") != "true"]
         assert len(children) == len(summary["candidates"])
         statuses = {c.data.tags["status"] for c in children}
         assert statuses <= {"evaluated", "duplicate-reused", "nan-stopped", "failed"}

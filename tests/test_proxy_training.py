@@ -194,7 +194,7 @@ def test_a_loss_trained_for_iou_moves_iou():
     soft, ce = [], []
     for seed in range(3):
         cfg = ProxyConfig(model=model_preset("lite", input_size=32), iterations=80, batch_size=8, lr=0.05,
-                          device="cpu", seed=seed)
+                          optimizer="sgd", weight_decay=5e-4, device="cpu", seed=seed)  # the SGD recipe it describes
         results = train_proxy({"ce": build_loss("ce"), "soft_iou": build_loss("soft_iou_binary")}, train, evaluation,
                               cfg, "mIoU")
         ce.append(results["ce"].target)
