@@ -25,6 +25,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -300,6 +301,19 @@ def _train_step(member: _Member, images: torch.Tensor, masks: torch.Tensor, iter
     return value
 
 
+def _update_meter(meter: SegmentationMetrics, logits: torch.Tensor, masks: list[torch.Tensor],
+                  device: torch.device) -> None:
+    """Add a batch: logits (N,K,h,w) are upsampled to each mask's own size, then argmax."""
+    if all(m.shape == masks[0].shape for m in masks):
+        if logits.shape[-2:] != masks[0].shape:
+            logits = F.interpolate(logits, size=tuple(masks[0].shape), mode="bilinear", align_corners=False)
+        meter.update(logits.argmax(1), torch.stack(masks).to(device))
+        return
+    for k, mask in enumerate(masks):
+        one = F.interpolate(logits[k:k + 1], size=tuple(mask.shape), mode="bilinear", align_corners=False)
+        meter.update(one.argmax(1), mask[None].to(device))
+
+
 @torch.no_grad()
 def evaluate_models(models: Mapping[str, nn.Module], dataset: Dataset, cfg: ProxyConfig, num_classes: int,
                     device: torch.device) -> dict[str, dict[str, float] | Exception]:
@@ -320,20 +334,11 @@ def evaluate_models(models: Mapping[str, nn.Module], dataset: Dataset, cfg: Prox
         model.eval()
     for images, masks in loader:
         images = images.to(device, non_blocking=True)
-        same_size = all(m.shape == masks[0].shape for m in masks)
         for name, model in models.items():
             if name in errors:
                 continue
             try:
-                logits = model(images)
-                if same_size:
-                    if logits.shape[-2:] != masks[0].shape:
-                        logits = F.interpolate(logits, size=tuple(masks[0].shape), mode="bilinear", align_corners=False)
-                    meters[name].update(logits.argmax(1), torch.stack(masks).to(device))
-                else:
-                    for k, mask in enumerate(masks):
-                        one = F.interpolate(logits[k:k + 1], size=tuple(mask.shape), mode="bilinear", align_corners=False)
-                        meters[name].update(one.argmax(1), mask[None].to(device))
+                _update_meter(meters[name], model(images), masks, device)
             except Exception as exc:
                 errors[name] = exc
     return {name: errors[name] if name in errors else meters[name].compute() for name in models}
@@ -418,6 +423,9 @@ def train_proxy(
 # Waves: M losses trained as one grouped network (components.wave_unet).
 
 
+_INIT_LOCK = threading.Lock()
+
+
 def cpu_convolutions_without_onednn() -> None:
     """Turn oneDNN (mkldnn) off for CPU convolutions, process-wide, and leave it off.
 
@@ -466,8 +474,9 @@ def _train_wave(losses: Mapping[str, nn.Module], train_ds: Dataset, eval_ds: Dat
                 stop(name, "failed", f"{type(exc).__name__}: {exc}", 0)
         elif not callable(loss):
             stop(name, "failed", f"TypeError: loss must be an nn.Module or callable, got {type(loss).__name__}", 0)
-    torch.manual_seed(cfg.seed)
-    net = build_wave_model(cfg.model, n_classes, len(names)).to(device)
+    with _INIT_LOCK:  # seeding + drawing the initial weights from torch's global RNG: one thread at a time
+        torch.manual_seed(cfg.seed)
+        net = build_wave_model(cfg.model, n_classes, len(names)).to(device)
     optimizer = make_optimizer(net, cfg)
     active = [i for i, n in enumerate(names) if results[n].status == "ok"]
     busy = {n: 0.0 for n in names}
@@ -541,20 +550,11 @@ def evaluate_wave(net: nn.Module, members: Mapping[str, int], dataset: Dataset, 
     errors: dict[str, Exception] = {}
     for images, masks in loader:
         logits_all = net(images.to(device, non_blocking=True))
-        same_size = all(m.shape == masks[0].shape for m in masks)
         for name, i in index.items():
             if name in errors:
                 continue
             try:
-                logits = logits_all[:, i]
-                if same_size:
-                    if logits.shape[-2:] != masks[0].shape:
-                        logits = F.interpolate(logits, size=tuple(masks[0].shape), mode="bilinear", align_corners=False)
-                    meters[name].update(logits.argmax(1), torch.stack(masks).to(device))
-                else:
-                    for k, mask in enumerate(masks):
-                        one = F.interpolate(logits[k:k + 1], size=tuple(mask.shape), mode="bilinear", align_corners=False)
-                        meters[name].update(one.argmax(1), mask[None].to(device))
+                _update_meter(meters[name], logits_all[:, i], masks, device)
             except Exception as exc:
                 errors[name] = exc
     return {name: errors[name] if name in errors else meters[name].compute() for name in index}

@@ -181,4 +181,9 @@ def test_concurrent_waves_in_threads_equal_sequential_ones(scenes):
     sequential = [run(s) for s in (0, 1, 2, 3)]
     with ThreadPoolExecutor(2) as pool:
         concurrent = list(pool.map(run, (0, 1, 2, 3)))
-    assert concurrent == sequential
+    # a race (shared RNG while drawing the initial weights, oneDNN) moves the losses by ~1e-3 and the metrics
+    # by points; float summation order alone stays far below these tolerances
+    for seq, con in zip(sequential, concurrent):
+        for name in seq:
+            assert con[name][0] == pytest.approx(seq[name][0], rel=1e-5)
+            assert con[name][1] == pytest.approx(seq[name][1], abs=1e-3)
