@@ -131,7 +131,14 @@ class EvolutionMethod:
 
 
 MethodFactory = Callable[[Params, Any, Path], SearchMethod]
-METHODS: dict[str, MethodFactory] = {"evolution": EvolutionMethod.create}
+def _ppo(params: Params, problem: Any, state_dir: Path) -> SearchMethod:
+    """Auto Seg-Loss PPO (flows/ppo_method.py, imported on first use; it does not import this module back)."""
+    from flows.ppo_method import PPOMethod
+
+    return PPOMethod.create(params, problem, state_dir)
+
+
+METHODS: dict[str, MethodFactory] = {"evolution": EvolutionMethod.create, "ppo": _ppo}
 
 
 def make_method(params: Params, problem: Any, state_dir: Path) -> SearchMethod:
@@ -140,14 +147,7 @@ def make_method(params: Params, problem: Any, state_dir: Path) -> SearchMethod:
 
     factory = METHODS.get(params.search.method)
     if factory is None:
-        if params.search.method == "ppo":
-            try:
-                import flows.ppo_method  # noqa: F401  (registers "ppo" when Auto Seg-Loss is installed)
-            except ImportError:
-                pass
-            factory = METHODS.get("ppo")
-        if factory is None:
-            raise LossforgeError(
-                f"search.method: {params.search.method!r} is not available (known: {', '.join(sorted(METHODS))})"
-            )
+        raise LossforgeError(
+            f"search.method: {params.search.method!r} is not available (known: {', '.join(sorted(METHODS))})"
+        )
     return factory(params, problem, state_dir)

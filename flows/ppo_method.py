@@ -1,5 +1,5 @@
 """Auto Seg-Loss as a search method of the search flow: `PPOMethod` adapts components.ppo.PPOSearch to the
-`flows.methods.SearchMethod` protocol and registers itself as `METHODS["ppo"]` (imported by `make_method`).
+`flows.methods.SearchMethod` protocol; `flows.methods.METHODS["ppo"]` imports it on first use.
 
 What params.yaml configures (`ppo:` section):
 
@@ -27,7 +27,6 @@ from typing import Any, Mapping
 
 from components.errors import LossforgeError
 from components.params import Params
-from flows.methods import METHODS
 
 
 
@@ -213,4 +212,3 @@ class PPOMethod:
             ppo_artifacts.log_ppo_final(self, tracker)
 
 
-METHODS["ppo"] = PPOMethod.create

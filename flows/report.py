@@ -167,7 +167,7 @@ def _baseline_row(name: str, entry: dict[str, Any]) -> str:
 @task(name="write-report", cache_policy=NO_CACHE)
 def write_report(params: Params, pipeline_wall_s: float | None = None) -> dict[str, Any]:
     """Write report.md, metrics.json, progress.csv and progress.png; returns the metrics dict."""
-    from flows.search_flow import losses_dir, reports_dir
+    from flows.run_config import losses_dir, reports_dir
 
     summary_path = losses_dir(params) / "search.json"
     if not summary_path.exists():
@@ -278,7 +278,7 @@ profile `{params.profile}`).
 @flow(name="lossforge-report", log_prints=True)
 def report_flow(params: Params, pipeline_wall_s: float | None = None) -> dict[str, Any]:
     """Write the report files and log them (with the progress plot) on the parent MLflow run."""
-    from flows.search_flow import make_tracker, reports_dir
+    from flows.run_config import make_tracker, reports_dir
 
     metrics = write_report(params, pipeline_wall_s)
     tracker = make_tracker(params)

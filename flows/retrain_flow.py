@@ -62,7 +62,7 @@ def retrain_seed_task(loss_specs: dict[str, Any], data: dict[str, str], cfg: Any
 
 def retrain_specs(params: Params, summary: dict[str, Any]) -> dict[str, Any]:
     """Loss specs to re-train: `searched` (the best), `rank2..rank<top_k>` of the search, then the baselines."""
-    from flows.search_flow import losses_dir
+    from flows.run_config import losses_dir
 
     best = summary["best_loss"]
     specs: dict[str, Any] = {"searched": best}
@@ -82,7 +82,7 @@ def retrain_flow(params: Params, data: dict[str, str]) -> dict[str, Any]:
     import os
 
     from components.retrain import ComparisonTable, merge_tables, write_table
-    from flows.search_flow import losses_dir, make_tracker, reports_dir
+    from flows.run_config import losses_dir, make_tracker, reports_dir
 
     logger = get_run_logger()
     summary_path = losses_dir(params) / "search.json"

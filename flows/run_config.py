@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from components.errors import LossforgeError
 from components.params import Params, load_params
+
+if TYPE_CHECKING:
+    from flows.tracking import SearchTracker
 
 
 def resolve_params(
@@ -120,3 +123,24 @@ def check_inputs(params: Params, stages: tuple[str, ...]) -> None:
         summary = losses_dir(params) / "search.json"
         if not summary.exists():
             raise LossforgeError(f"{summary}: no search result yet (run `lossforge search` first)")
+
+
+def make_tracker(params: Params) -> SearchTracker | None:
+    """The MLflow tracker of this search (None when tracking is disabled)."""
+    if not params.tracking.enabled:
+        return None
+    from flows.tracking import SearchTracker, resolve_tracking_uri  # mlflow is imported only when tracking
+    flat = {"search_id": params.search_id, "profile": params.profile}
+    for section in ("data", "split", "search"):
+        for key, value in getattr(params, section).model_dump().items():
+            flat[f"{section}.{key}"] = value
+    for section in ("evolution", "screening", "proxy", "ppo"):
+        for key, value in getattr(params, section).items():
+            flat[f"{section}.{key}"] = value
+    return SearchTracker(
+        resolve_tracking_uri(params.tracking.uri),
+        experiment=f"lossforge/{params.search_id}",
+        search_id=params.search_id,
+        artifact_root=params.tracking.artifacts,
+        params=flat,
+    )

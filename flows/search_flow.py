@@ -27,7 +27,7 @@ from components.errors import LossforgeError
 from components.params import Params
 from flows import progress
 from flows.methods import SearchMethod, make_method
-from flows.run_config import data_spec, losses_dir, reports_dir, resolve_params, state_dir  # noqa: F401
+from flows.run_config import data_spec, losses_dir, make_tracker, reports_dir, resolve_params, state_dir  # noqa: F401
 from flows.task_runners import make_task_runner
 from flows.tasks import open_split, prepare_data, proxy_training, read_result, split_dataset
 from flows.timing import Timeline
@@ -41,27 +41,6 @@ Runner = Literal["threads", "processes", "ray", "dask"]
 
 
 # ------------------------------------------------------------------------------------------ parameters
-def make_tracker(params: Params) -> SearchTracker | None:
-    """The MLflow tracker of this search (None when tracking is disabled)."""
-    if not params.tracking.enabled:
-        return None
-    from flows.tracking import SearchTracker, resolve_tracking_uri  # mlflow is imported only when tracking
-    flat = {"search_id": params.search_id, "profile": params.profile}
-    for section in ("data", "split", "search"):
-        for key, value in getattr(params, section).model_dump().items():
-            flat[f"{section}.{key}"] = value
-    for section in ("evolution", "screening", "proxy", "ppo"):
-        for key, value in getattr(params, section).items():
-            flat[f"{section}.{key}"] = value
-    return SearchTracker(
-        resolve_tracking_uri(params.tracking.uri),
-        experiment=f"lossforge/{params.search_id}",
-        search_id=params.search_id,
-        artifact_root=params.tracking.artifacts,
-        params=flat,
-    )
-
-
 # ------------------------------------------------------------------------------------------ small tasks
 @task(name="generate-and-screen", cache_policy=NO_CACHE)
 def generate_and_screen(method: SearchMethod, n: int) -> list[dict[str, Any]]:
