@@ -1,6 +1,6 @@
 """Benchmark: wall time per PPO step of the Auto Seg-Loss search with M parallel proxy trainings.
 
-A PPO2 search (components.ppo) over a surrogate of `--metric` runs `--steps` steps on the embedded shapes
+A PPO2 search (components.surrogates.ppo) over a surrogate of `--metric` runs `--steps` steps on the embedded shapes
 dataset. In each step the M sampled surrogate losses (+ μ itself with the "mu" baseline) are trained side
 by side in ONE `train_proxy` call (same batches, one data pipeline), then reported; the policy update runs.
 For the first step the same candidates are also trained one `train_proxy` call at a time (sequential
@@ -27,16 +27,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from components.metric_surrogates import SurrogateLoss, SurrogateSpec  # noqa: E402
-from components.ppo import PPOConfig, PPOSearch  # noqa: E402
-from components.proxy_training import ProxyConfig, train_proxy  # noqa: E402
-from components.seg_models import MODEL_PRESETS  # noqa: E402
+from components.surrogates.metric_surrogates import SurrogateLoss, SurrogateSpec  # noqa: E402
+from components.surrogates.ppo import PPOConfig, PPOSearch  # noqa: E402
+from components.tasks.segmentation.trainer import ProxyConfig, train_proxy  # noqa: E402
+from components.tasks.segmentation.models import MODEL_PRESETS  # noqa: E402
 
 
 def shapes_datasets(num_train: int, num_eval: int, size: int, seed: int):
     """(train, eval) SegmentationDatasets of a freshly generated embedded shapes dataset."""
-    from components.seg_datasets import open_voc
-    from components.shapes_dataset import generate_shapes
+    from components.tasks.segmentation.datasets import open_voc
+    from components.tasks.segmentation.shapes import generate_shapes
 
     root = generate_shapes(Path(tempfile.mkdtemp(prefix="lf-ppo-bench-")) / "shapes", num_train=num_train,
                            num_test=num_eval, image_size=size, seed=seed)

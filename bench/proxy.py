@@ -27,9 +27,9 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch.utils.data import Dataset  # noqa: E402
 
-from components.loss_registry import build_loss  # noqa: E402
-from components.proxy_training import ProxyConfig, train_proxy  # noqa: E402
-from components.seg_models import model_preset  # noqa: E402
+from components.tasks.loss_registry import build_loss  # noqa: E402
+from components.tasks.segmentation.trainer import ProxyConfig, train_proxy  # noqa: E402
+from components.tasks.segmentation.models import model_preset  # noqa: E402
 
 LOSSES = ("ce", "dice", "focal", "soft_iou", "lovasz", "weighted_ce", "soft_iou_binary")
 
@@ -38,7 +38,7 @@ class _RenderedScenes(Dataset):
     """Shapes scenes rendered in memory (used only when the dataset readers are not installed)."""
 
     def __init__(self, n: int, size: int, seed: int):
-        from components.shapes_dataset import SHAPES_CLASSES, render_scene
+        from components.tasks.segmentation.shapes import SHAPES_CLASSES, render_scene
 
         rng = np.random.default_rng(seed)
         scenes = [render_scene(rng, size) for _ in range(n)]
@@ -55,13 +55,13 @@ class _RenderedScenes(Dataset):
 
 def _datasets(args, tmp: Path):
     try:
-        from components.seg_datasets import open_voc
+        from components.tasks.segmentation.datasets import open_voc
     except ImportError:
         print("dataset readers not available: using in-memory rendered scenes (no decoding cost)")
         return _RenderedScenes(args.train, args.size, 0), _RenderedScenes(args.eval, args.size, 1)
     root = Path(args.data) if args.data else None
     if root is None:
-        from components.shapes_dataset import generate_shapes
+        from components.tasks.segmentation.shapes import generate_shapes
 
         root = generate_shapes(tmp / "shapes", num_train=args.train, num_test=args.eval, image_size=args.size, seed=0)
     return (open_voc(root, list_file=root / "ImageSets/Segmentation/train.txt"),

@@ -1,6 +1,6 @@
 """Benchmark of the loss-rejection protocol: naive reference vs the real implementation.
 
-One fixed, seeded stream of candidates from the project's own generator (components.generation:
+One fixed, seeded stream of candidates from the project's own generator (components.search.generation:
 K random graphs, then offspring -- copy / re-init / two mutations -- of parents drawn from the stream)
 is screened twice on the same probe (the embedded shapes dataset, resized, with `--classes` output
 classes of a randomly initialised network):
@@ -34,10 +34,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from components.equivalence import EquivalenceCache  # noqa: E402
-from components.generation import TreeGenerator  # noqa: E402
-from components.rejection import ScreeningConfig, screen_many, screen_naive  # noqa: E402
-from components.segmentation_task import build_screening_problem  # noqa: E402
+from components.search.equivalence import EquivalenceCache  # noqa: E402
+from components.search.generation import TreeGenerator  # noqa: E402
+from components.search.parallel_screening import screen_many  # noqa: E402
+from components.search.screening import ScreeningConfig, screen_naive  # noqa: E402
+from components.tasks.segmentation.task import build_screening_problem  # noqa: E402
 
 
 def candidate_stream(count: int, seed: int, initial: int = 20, operator_set: str = "autoloss_zero"):
@@ -54,12 +55,12 @@ def candidate_stream(count: int, seed: int, initial: int = 20, operator_set: str
 
 
 class ShapesProbeData:
-    """Scenes of the embedded shapes dataset (components.shapes_dataset.render_scene), in memory."""
+    """Scenes of the embedded shapes dataset (components.tasks.segmentation.shapes.render_scene), in memory."""
 
     def __init__(self, count: int, size: int, seed: int):
         import numpy as np
 
-        from components.shapes_dataset import SHAPES_CLASSES, render_scene
+        from components.tasks.segmentation.shapes import SHAPES_CLASSES, render_scene
 
         rng = np.random.default_rng(seed)
         self.num_classes = len(SHAPES_CLASSES)

@@ -32,11 +32,11 @@ RUNNERS = ("threads", "processes", "ray", "dask")
 
 # section -> (module, dataclass, keys this section may carry besides the dataclass fields)
 COMPONENT_SECTIONS: dict[str, tuple[str, str, frozenset[str]]] = {
-    "evolution": ("components.evolution", "EvolutionConfig", frozenset()),
-    "screening": ("components.rejection", "ScreeningConfig", frozenset({"size"})),
-    "proxy": ("components.proxy_training", "ProxyConfig", frozenset({"seeds"})),
-    "retrain": ("components.retrain", "RetrainConfig", frozenset({"baselines", "seeds", "top_k"})),
-    "ppo": ("components.ppo", "PPOConfig", frozenset({"metrics", "pieces", "family"})),
+    "evolution": ("components.search.evolution", "EvolutionConfig", frozenset()),
+    "screening": ("components.search.screening", "ScreeningConfig", frozenset({"size"})),
+    "proxy": ("components.tasks.segmentation.trainer", "ProxyConfig", frozenset({"seeds"})),
+    "retrain": ("components.tasks.retrain", "RetrainConfig", frozenset({"baselines", "seeds", "top_k"})),
+    "ppo": ("components.surrogates.ppo", "PPOConfig", frozenset({"metrics", "pieces", "family"})),
 }
 
 

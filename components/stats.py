@@ -2,7 +2,7 @@
 
 Decisions:
 - ``mean_std`` gives the population standard deviation (``statistics.pstdev``), as the re-training
-  comparison table does (``components.retrain``), so the spreads of the proxy baselines and of the
+  comparison table does (``components.tasks.retrain``), so the spreads of the proxy baselines and of the
   re-training table are the same figure. One value has spread 0.
 - ``spearman`` ranks ties by their average rank (the textbook and ``scipy.stats.spearmanr`` convention)
   and returns the Pearson correlation of the ranks. Pairs where either value is missing (None) or not

@@ -10,7 +10,7 @@ are not there yet they are made first (prepare + split tasks, as `lossforge sear
 (VOC, COCO or image/mask folders), its `train` images are split with the `split` settings and the
 manifests are written to `<out>/splits/`; its `val` images are the test set.
 
-The table goes to `<out>/comparison.md` and `<out>/comparison.json` (`components.retrain.write_table`).
+The table goes to `<out>/comparison.md` and `<out>/comparison.json` (`components.tasks.retrain.write_table`).
 With tracking enabled, one MLflow run (experiment `lossforge/compare`, tag `lossforge.kind=comparison`)
 gets the settings as params, `<loss>.<metric>` / `<loss>.<metric>_std` per loss and the two files.
 """

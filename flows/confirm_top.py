@@ -1,5 +1,5 @@
 """After the search: train the `search.confirm_top` best candidates with the other proxy seeds, so the
-searched loss is chosen by its mean over as many seeds as the CE baseline (components/confirmation.py).
+searched loss is chosen by its mean over as many seeds as the CE baseline (components/search/confirmation.py).
 
 Results are stored under `<state>/confirm/results/` like every proxy training (a resumed search reads
 them back); the trainings go through the same `proxy-training` task and task runner as the candidates.
@@ -14,7 +14,7 @@ from typing import Any
 
 from prefect import get_run_logger
 
-from components.confirmation import confirmation_seeds
+from components.search.confirmation import confirmation_seeds
 from components.params import Params
 from flows.proxy_baselines import train_seeded_jobs
 from flows.run_config import proxy_seeds

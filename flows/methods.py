@@ -34,19 +34,19 @@ class SearchMethod(Protocol):
 
 
 class EvolutionMethod:
-    """AutoLoss-Zero: components.search_engine.SearchEngine (evolution + rejection + equivalence)."""
+    """AutoLoss-Zero: components.search.engine.SearchEngine (evolution + rejection + equivalence)."""
 
     loss_type = "graph"  # build_loss type of this method's loss files
 
     def __init__(self, engine: Any, target: str = "label"):
         self.engine = engine
-        self.target = target  # the loss input y: "label" or "boundary" (components.segmentation_task)
+        self.target = target  # the loss input y: "label" or "boundary" (components.tasks.segmentation.task)
 
     @classmethod
     def create(cls, params: Params, problem: Any, state_dir: Path) -> "EvolutionMethod":
         """Resume from `state_dir/checkpoint.json` when it exists, else start a new search."""
-        from components.search_engine import SearchEngine
-        from components.segmentation_task import training_target_for_metric
+        from components.search.engine import SearchEngine
+        from components.tasks.segmentation.task import training_target_for_metric
 
         target = training_target_for_metric(params.search.metric)
         checkpoint = state_dir / "checkpoint.json"
@@ -78,7 +78,7 @@ class EvolutionMethod:
 
     def next_candidates(self, n: int) -> list[dict[str, Any]]:
         """Up to n screened candidates (generation + rejection + equivalence happen here)."""
-        from components.loss_json import graph_to_dict
+        from components.search.graph_json import graph_to_dict
 
         out = []
         for _ in range(n):
@@ -117,8 +117,8 @@ class EvolutionMethod:
 
     def write_loss_files(self, record: dict[str, Any], folder: Path, stem: str) -> tuple[Path, Path]:
         """The record's loss as JSON (lossforge.loss/1) and as a standalone nn.Module .py file."""
-        from components.loss_export import write_module
-        from components.loss_json import graph_from_dict, save_graph
+        from components.search.export import write_module
+        from components.search.graph_json import graph_from_dict, save_graph
 
         graph = graph_from_dict(record["graph"])
         folder.mkdir(parents=True, exist_ok=True)

@@ -29,7 +29,7 @@ def plot_curves(spec: Any, path: str | Path, title: str = "") -> Path:
     """PNG of every g curve of `spec` (solid) against the identity (dashed)."""
     from matplotlib.figure import Figure
 
-    from components.metric_surrogates import curve_plot_data
+    from components.surrogates.metric_surrogates import curve_plot_data
 
     data = curve_plot_data(spec)
     fig = Figure(figsize=(4.2, 3.6), dpi=100)

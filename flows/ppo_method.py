@@ -1,4 +1,4 @@
-"""Auto Seg-Loss as a search method of the search flow: `PPOMethod` adapts components.ppo.PPOSearch to the
+"""Auto Seg-Loss as a search method of the search flow: `PPOMethod` adapts components.surrogates.ppo.PPOSearch to the
 `flows.methods.SearchMethod` protocol; `flows.methods.METHODS["ppo"]` imports it on first use.
 
 What params.yaml configures (`ppo:` section):
@@ -50,7 +50,7 @@ def surrogate_metrics(value: Any, default_metric: str) -> dict[str, float]:
 
 def build_template(params: Params) -> Any:
     """The SurrogateSpec searched (θ = identity, the paper's initial μ) from the `ppo:` section."""
-    from components.metric_surrogates import SurrogateSpec
+    from components.surrogates.metric_surrogates import SurrogateSpec
 
     metrics = surrogate_metrics(params.section_extra("ppo", "metrics"), params.search.metric)
     kwargs: dict[str, Any] = {"metrics": metrics}
@@ -76,7 +76,7 @@ def _fmt(values: list[float]) -> str:
 
 
 class PPOMethod:
-    """Auto Seg-Loss PPO2 search (components.ppo.PPOSearch) behind the flow's SearchMethod interface."""
+    """Auto Seg-Loss PPO2 search (components.surrogates.ppo.PPOSearch) behind the flow's SearchMethod interface."""
 
     loss_type = "surrogate"  # build_loss type of this method's loss files
 
@@ -88,7 +88,7 @@ class PPOMethod:
     @classmethod
     def create(cls, params: Params, problem: Any, state_dir: Path) -> "PPOMethod":
         """Resume from `state_dir/checkpoint.json` when it exists, else start a new search (μ = identity θ)."""
-        from components.ppo import PPOSearch
+        from components.surrogates.ppo import PPOSearch
 
         checkpoint = Path(state_dir) / "checkpoint.json"
         if checkpoint.exists():
@@ -187,7 +187,7 @@ class PPOMethod:
     def write_loss_files(self, record: Mapping[str, Any], folder: Path, stem: str) -> tuple[Path, Path]:
         """The record's surrogate as lossforge.surrogate/1 JSON (θ, control points, search meta) and as a
         standalone nn.Module .py file. Files whose stem carries the record's hash are written once."""
-        from components.metric_surrogates import save_surrogate, write_surrogate_module
+        from components.surrogates.metric_surrogates import save_surrogate, write_surrogate_module
 
         spec = self.spec_of(record)
         folder = Path(folder)

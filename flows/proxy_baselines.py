@@ -34,7 +34,7 @@ from prefect import get_run_logger
 from components.atomic_io import read_json, write_json_atomic
 from components.errors import LossforgeError
 from components.params import Params
-from components.segmentation_metrics import METRIC_NAMES
+from components.tasks.segmentation.metrics import METRIC_NAMES
 from components.stats import mean_std
 from flows.run_config import baseline_specs, proxy_seeds
 from flows.tasks import proxy_training, read_result
@@ -54,7 +54,7 @@ def slug(name: str) -> str:
 
 def jobs(params: Params) -> list[dict[str, Any]]:
     """One job per (baseline, seed): {"id", "hash", "loss", "name", "seed"} (CE first, seeds in order)."""
-    from components.loss_registry import loss_name
+    from components.tasks.loss_registry import loss_name
 
     cfg = params.config("proxy")
     metric = params.search.metric

@@ -24,8 +24,8 @@ from flows import progress
 def retrain_task(loss_specs: dict[str, Any], data: dict[str, str], cfg: Any, metric: str, md_path: str,
                  json_path: str, seeds: list[int] | None = None) -> dict[str, Any]:
     """Train one model per loss (same data, same initial weights) and write the comparison table."""
-    from components.loss_registry import build_loss
-    from components.retrain import retrain_and_compare, write_table
+    from components.tasks.loss_registry import build_loss
+    from components.tasks.retrain import retrain_and_compare, write_table
     from flows.tasks import open_split
 
     train_ds = open_split(data["path"], [data["train"], data["eval"]])
@@ -81,7 +81,7 @@ def retrain_flow(params: Params, data: dict[str, str]) -> dict[str, Any]:
     """Re-train the best searched losses and the baselines of `retrain.baselines`; log the table to MLflow."""
     import os
 
-    from components.retrain import ComparisonTable, merge_tables, write_table
+    from components.tasks.retrain import ComparisonTable, merge_tables, write_table
     from flows.run_config import losses_dir, make_tracker, reports_dir
 
     logger = get_run_logger()

@@ -89,7 +89,7 @@ def proxy_seeds(params: Params) -> list[int]:
 
 def baseline_specs(params: Params) -> list[Any]:
     """CE plus `retrain.baselines` (build_loss specs, CE first, no duplicates); unknown loss types are errors."""
-    from components.loss_registry import LOSSES, loss_name
+    from components.tasks.loss_registry import LOSSES, loss_name
 
     raw = params.section_extra("retrain", "baselines", ["ce"])
     if not isinstance(raw, list):

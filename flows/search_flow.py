@@ -51,7 +51,7 @@ def generate_and_screen(method: SearchMethod, n: int) -> list[dict[str, Any]]:
 @task(name="population-update", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=0.2)
 def population_update(method: SearchMethod, results: list[dict[str, Any]], checkpoint: str) -> list[dict[str, Any]]:
     """Report finished proxy results to the method and checkpoint the search state (atomic JSON)."""
-    from components.proxy_training import ProxyResult
+    from components.tasks.segmentation.trainer import ProxyResult
 
     records = []
     for res in results:
@@ -121,8 +121,8 @@ def _failed(cands: list[dict[str, Any]], exc: BaseException) -> list[dict[str, A
 @flow(name="lossforge-search-loop", log_prints=True)
 def search_loop_flow(params: Params, data: dict[str, str]) -> dict[str, Any]:
     """Run (or resume) the search until the proxy budget is used; returns the search summary."""
-    from components.proxy_training import ProxyConfig  # noqa: F401  (fail early if training is missing)
-    from components.segmentation_task import build_screening_problem
+    from components.tasks.segmentation.trainer import ProxyConfig  # noqa: F401  (fail early if training is missing)
+    from components.tasks.segmentation.task import build_screening_problem
 
     logger = get_run_logger()
     timeline = Timeline()
@@ -274,8 +274,8 @@ def write_search_outputs(params: Params, method: SearchMethod, timeline: Timelin
     """losses/<task>-<metric>/: best.json + best.py, the top-k losses, search.json (summary + progress curve).
 
     With `confirmed` (id -> targets of confirmation trainings), the best and the top-k are ranked by the
-    mean over the search score and those (components/confirmation.py)."""
-    from components.confirmation import confirmed_ranking
+    mean over the search score and those (components/search/confirmation.py)."""
+    from components.search.confirmation import confirmed_ranking
 
     out = losses_dir(params)
     out.mkdir(parents=True, exist_ok=True)

@@ -26,7 +26,7 @@ RESULT_FORMAT = "lossforge.proxy-result/1"
 @task(name="prepare-data", retries=1, retry_delay_seconds=1, cache_policy=NO_CACHE)
 def prepare_data(data: Mapping[str, Any]) -> str:
     """Generate the embedded shapes dataset (if `data.generate`) or check the user's dataset exists."""
-    from components.shapes_dataset import ensure_shapes
+    from components.tasks.segmentation.shapes import ensure_shapes
 
     path = Path(data["path"])
     if data["generate"]:
@@ -40,8 +40,8 @@ def prepare_data(data: Mapping[str, Any]) -> str:
 @task(name="split-dataset", retries=1, retry_delay_seconds=1, cache_policy=NO_CACHE)
 def split_dataset(data_path: str, split: Mapping[str, Any]) -> dict[str, str]:
     """Carve S_train / S_eval from the training images and write the manifests (+ the test manifest)."""
-    from components.seg_datasets import open_segmentation_dataset
-    from components.splits import write_search_splits
+    from components.tasks.segmentation.datasets import open_segmentation_dataset
+    from components.tasks.splits import write_search_splits
 
     train = open_segmentation_dataset(data_path, split="train")
     test = open_segmentation_dataset(data_path, split="val")
@@ -52,8 +52,8 @@ def split_dataset(data_path: str, split: Mapping[str, Any]) -> dict[str, str]:
 
 def open_split(data_path: str, manifests: str | list[str] | tuple[str, ...]) -> Any:
     """The dataset restricted to the ids of one manifest (or the union of several, in order)."""
-    from components.seg_datasets import open_segmentation_dataset
-    from components.splits import read_manifest
+    from components.tasks.segmentation.datasets import open_segmentation_dataset
+    from components.tasks.splits import read_manifest
 
     if isinstance(manifests, str):
         manifests = [manifests]
@@ -103,8 +103,8 @@ def proxy_training(
     """
     import torch
 
-    from components.loss_registry import build_loss
-    from components.proxy_training import train_proxy
+    from components.tasks.loss_registry import build_loss
+    from components.tasks.segmentation.trainer import train_proxy
 
     if torch_threads:  # share the CPU cores between the parallel trainings
         torch.set_num_threads(torch_threads)

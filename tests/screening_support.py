@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from components.loss_graph import LossGraph, Node
-from components.shapes_dataset import render_scene
+from components.search.graph import LossGraph, Node
+from components.tasks.segmentation.shapes import render_scene
 
 
 def seg(root: Node) -> LossGraph:

@@ -18,12 +18,12 @@ import pytest
 import torch
 
 from components.errors import LossforgeError
-from components.loss_graph import Node
-from components.loss_json import load_graph
+from components.search.graph import Node
+from components.search.graph_json import load_graph
 from components.params import ParamsError, load_params, parse_params
-from components.rejection import ScreeningConfig, correlation_gain, screen
-from components.seg_losses import LovaszSoftmaxLoss
-from components.segmentation_task import build_screening_problem
+from components.search.screening import ScreeningConfig, correlation_gain, screen
+from components.tasks.segmentation.baselines import LovaszSoftmaxLoss
+from components.tasks.segmentation.task import build_screening_problem
 
 from screening_support import seg, shapes_items
 
@@ -192,7 +192,7 @@ def test_gain_is_part_of_the_digest_and_absolute_keeps_the_old_digest():
 
 
 def test_cached_verdicts_never_mix_rules():
-    from components.equivalence import EquivalenceCache
+    from components.search.equivalence import EquivalenceCache
 
     problem = probe(2, "mIoU")
     cache = EquivalenceCache(None, problem.key)

@@ -6,7 +6,7 @@ import random
 import pytest
 import torch
 
-from components import bezier
+from components.surrogates import bezier
 from components.errors import LossforgeError
 
 torch.set_num_threads(1)  # tiny tensors: threads only cost time on a shared CPU

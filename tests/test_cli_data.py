@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from components.seg_datasets import open_segmentation_dataset
-from components.shapes_dataset import SHAPES_CLASSES
-from components.splits import make_split, read_manifest
+from components.tasks.segmentation.datasets import open_segmentation_dataset
+from components.tasks.segmentation.shapes import SHAPES_CLASSES
+from components.tasks.splits import make_split, read_manifest
 from flows.cli import app
 
 LOSSFORGE = Path(sys.executable).parent / "lossforge"

@@ -9,9 +9,9 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from components.loss_graph import LossGraph, Node
-from components.loss_json import save_graph
-from components.shapes_dataset import generate_shapes
+from components.search.graph import LossGraph, Node
+from components.search.graph_json import save_graph
+from components.tasks.segmentation.shapes import generate_shapes
 from flows.cli import app
 
 L, N = Node.leaf, Node.apply

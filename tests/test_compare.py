@@ -10,7 +10,7 @@ import shutil
 import pytest
 from typer.testing import CliRunner
 
-from components.metric_surrogates import SurrogateSpec, save_surrogate
+from components.surrogates.metric_surrogates import SurrogateSpec, save_surrogate
 from flows.cli import app
 from test_flows_support import ROOT, write_tiny_params
 
@@ -69,7 +69,7 @@ def test_loss_arguments_resolve_to_specs(tmp_path):
 def test_compare_writes_the_table_for_the_requested_losses_and_seeds(tmp_path):
     from mlflow.tracking import MlflowClient
 
-    from components.shapes_dataset import generate_shapes
+    from components.tasks.segmentation.shapes import generate_shapes
     from test_flows_support import cli, prefect_server
 
     server = prefect_server()

@@ -1,8 +1,8 @@
-"""Choosing the searched loss by its mean over proxy seeds (components/confirmation.py)."""
+"""Choosing the searched loss by its mean over proxy seeds (components/search/confirmation.py)."""
 
 import math
 
-from components.confirmation import confirmation_seeds, confirmed_ranking
+from components.search.confirmation import confirmation_seeds, confirmed_ranking
 
 
 def test_confirmation_seeds_are_the_other_proxy_seeds():

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from components.equivalence import (
+from components.search.equivalence import (
     CACHE_FORMAT,
     EquivalenceCache,
     fingerprint_key,
@@ -15,10 +15,10 @@ from components.equivalence import (
     parse_fingerprint_key,
 )
 from components.errors import LossforgeError
-from components.loss_graph import Node
-from components.rejection import ScreeningConfig, ScreeningResult, round_significant, screen
-from components.segmentation_task import build_screening_problem
-from components.shapes_dataset import SHAPES_CLASSES
+from components.search.graph import Node
+from components.search.screening import ScreeningConfig, ScreeningResult, round_significant, screen
+from components.tasks.segmentation.task import build_screening_problem
+from components.tasks.segmentation.shapes import SHAPES_CLASSES
 
 from screening_support import seg, shapes_items
 

@@ -11,15 +11,15 @@ import pytest
 import torch
 
 from components.errors import LossforgeError
-from components.evolution import (
+from components.search.evolution import (
     EvolutionConfig,
     Individual,
     RegularizedEvolution,
     SearchStalledError,
     tournament_winner,
 )
-from components.generation import TreeGenerator
-from components.loss_graph import TASK_BRANCHES
+from components.search.generation import TreeGenerator
+from components.search.graph import TASK_BRANCHES
 
 TASK = "segmentation"
 

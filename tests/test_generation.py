@@ -6,8 +6,8 @@ import random
 
 import pytest
 
-from components.generation import MUTATIONS, TreeGenerator
-from components.loss_graph import (
+from components.search.generation import MUTATIONS, TreeGenerator
+from components.search.graph import (
     MAX_DEPTH,
     MAX_NODES,
     TASK_BRANCHES,
@@ -21,7 +21,7 @@ from components.loss_graph import (
     parse_prefix,
     replace_at,
 )
-from components.operators import OPERATOR_SETS
+from components.search.operators import OPERATOR_SETS
 
 SEG = ("y_hat", "y", "1")
 

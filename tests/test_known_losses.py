@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from components.loss_graph import parse_prefix, reduce_eq3
-from components.loss_json import load_graph
+from components.search.graph import parse_prefix, reduce_eq3
+from components.search.graph_json import load_graph
 
 EXAMPLES_DIR = Path(__file__).resolve().parents[1] / "examples" / "losses"
 EPS = 1e-12

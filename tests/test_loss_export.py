@@ -11,8 +11,8 @@ import sympy
 import torch
 
 from components.errors import LossforgeError
-from components.generation import TreeGenerator
-from components.loss_export import (
+from components.search.generation import TreeGenerator
+from components.search.export import (
     export_module_source,
     input_symbol,
     simplify,
@@ -21,8 +21,8 @@ from components.loss_export import (
     tree_to_sympy,
     write_module,
 )
-from components.loss_graph import TASK_BRANCHES, LossGraph, parse_prefix
-from components.loss_json import load_graph
+from components.search.graph import TASK_BRANCHES, LossGraph, parse_prefix
+from components.search.graph_json import load_graph
 
 EXAMPLES = sorted((Path(__file__).resolve().parents[1] / "examples" / "losses").glob("*.json"))
 
@@ -125,7 +125,7 @@ def test_segmentation_from_logits(tmp_path):
 
 @pytest.mark.parametrize("definition,width", [("avgpool", 1), ("minpool", 2)])
 def test_boundary_target_export_equals_graph_seg_loss(tmp_path, definition, width):
-    from components.segmentation_task import GraphSegLoss
+    from components.tasks.segmentation.task import GraphSegLoss
 
     graph = load_graph([p for p in EXAMPLES if p.stem == "autolosszero_seg_bf1"][0])
     path = write_module(graph, tmp_path / f"bf1_{definition}.py", target="boundary", boundary=definition,

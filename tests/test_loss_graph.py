@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from components.errors import LossforgeError
-from components.generation import TreeGenerator
-from components.loss_graph import (
+from components.search.generation import TreeGenerator
+from components.search.graph import (
     MAX_DEPTH,
     MAX_NODES,
     TASK_BRANCHES,

@@ -7,9 +7,9 @@ import random
 import pytest
 
 from components.errors import LossforgeError
-from components.generation import TreeGenerator
-from components.loss_graph import TASK_BRANCHES
-from components.loss_json import (
+from components.search.generation import TreeGenerator
+from components.search.graph import TASK_BRANCHES
+from components.search.graph_json import (
     FORMAT,
     InvalidLossError,
     graph_from_dict,

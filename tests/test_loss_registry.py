@@ -7,9 +7,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from components import seg_losses
+from components.tasks.segmentation import baselines as seg_losses
 from components.errors import LossforgeError
-from components.loss_registry import LOSSES, build_loss, loss_name, register_loss
+from components.tasks.loss_registry import LOSSES, build_loss, loss_name, register_loss
 
 # The AutoLoss-Zero search space can express cross-entropy: neg(mul(y, log(y_hat))), Eq. 3 divides the
 # sum over (N, C, H, W) by N·H·W, so the graph equals the mean per-pixel cross-entropy.
@@ -132,7 +132,7 @@ def test_graph_with_a_forbidden_operator_is_rejected(tmp_path):
 
 
 def test_surrogate_file_builds_a_metric_loss(tmp_path):
-    from components.metric_surrogates import SurrogateLoss, SurrogateSpec, save_surrogate
+    from components.surrogates.metric_surrogates import SurrogateLoss, SurrogateSpec, save_surrogate
 
     path = tmp_path / "miou.json"
     save_surrogate(SurrogateSpec(metrics={"mIoU": 1.0}), path)
@@ -151,7 +151,7 @@ def test_loss_name_for_display():
 
 
 def test_graph_spec_with_boundary_target(tmp_path):
-    from components.segmentation_task import GraphSegLoss
+    from components.tasks.segmentation.task import GraphSegLoss
 
     logits, _ = _batch(5, h=9, w=9)
     target = torch.zeros(2, 9, 9, dtype=torch.long)  # blocks, so that most pixels are not edges

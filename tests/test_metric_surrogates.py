@@ -11,9 +11,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from components import bezier
+from components.surrogates import bezier
 from components.errors import LossforgeError
-from components.metric_surrogates import (
+from components.surrogates.metric_surrogates import (
     METRIC_CURVES,
     SurrogateLoss,
     SurrogateSpec,
@@ -22,7 +22,7 @@ from components.metric_surrogates import (
     save_surrogate,
     write_surrogate_module,
 )
-from components.segmentation_metrics import METRIC_NAMES, compute_metric
+from components.tasks.segmentation.metrics import METRIC_NAMES, compute_metric
 
 torch.set_num_threads(1)  # small tensors: threads only cost time on a shared CPU
 C = 4
@@ -289,7 +289,7 @@ def test_standalone_export_equals_surrogate_loss(tmp_path, family):
 
 
 def test_loss_registry_builds_a_saved_surrogate(tmp_path):
-    from components.loss_registry import build_loss
+    from components.tasks.loss_registry import build_loss
 
     spec = random_spec({"FWIoU": 1.0}, random.Random(11))
     path = save_surrogate(spec, tmp_path / "fw.json")

@@ -8,7 +8,7 @@ import sympy
 import torch
 
 from components.errors import LossforgeError
-from components.operators import (
+from components.search.operators import (
     CSE_EPS,
     EPS,
     OPERATOR_SET_CONSTANTS,

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from components.errors import LossforgeError
-from components.metric_surrogates import SurrogateLoss, SurrogateSpec, export_surrogate_module_source, load_surrogate, save_surrogate
-from components.ppo import (
+from components.surrogates.metric_surrogates import SurrogateLoss, SurrogateSpec, export_surrogate_module_source, load_surrogate, save_surrogate
+from components.surrogates.ppo import (
     PPOConfig,
     PPOSearch,
     ppo_objective,
@@ -141,7 +141,7 @@ def test_batching_does_not_change_the_trajectory():
 
 @pytest.mark.parametrize("mode", ["zero", "drop"])
 def test_failed_and_nan_samples(mode):
-    from components.proxy_training import ProxyResult
+    from components.tasks.segmentation.trainer import ProxyResult
 
     search = PPOSearch(SurrogateSpec({"mAcc": 1.0}), PPOConfig(samples=4, steps=2, failed=mode), seed=2)
     cands = search.next_candidates()
@@ -273,7 +273,7 @@ def test_result_exports_directly_as_a_loss(tmp_path):
 
 
 def test_flow_helpers_hash_loss_spec_and_progress():
-    from components.loss_registry import build_loss
+    from components.tasks.loss_registry import build_loss
 
     search = PPOSearch(SurrogateSpec({"mIoU": 1.0}), PPOConfig(samples=3, steps=2, optimizer_steps=5), seed=6)
     cands = search.next_candidates()

@@ -18,10 +18,10 @@ import pytest
 import torch
 
 from components.errors import LossforgeError
-from components.loss_registry import build_loss
-from components.metric_surrogates import SurrogateLoss, load_surrogate
+from components.tasks.loss_registry import build_loss
+from components.surrogates.metric_surrogates import SurrogateLoss, load_surrogate
 from components.params import parse_params
-from components.proxy_training import ProxyResult
+from components.tasks.segmentation.trainer import ProxyResult
 from flows.methods import METHODS, make_method
 from flows.ppo_method import PPOMethod, build_config, build_template, surrogate_metrics
 

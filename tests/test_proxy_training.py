@@ -10,13 +10,13 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from components.errors import LossforgeError
-from components.loss_registry import build_loss
-from components.proxy_training import PAPER_PROXY, ProxyConfig, poly_lr, train_proxy
-from components.seg_losses import BASELINE_LOSSES
-from components.seg_models import model_preset
-from components.segmentation_metrics import METRIC_NAMES
-from components.seg_datasets import open_voc
-from components.shapes_dataset import SHAPES_CLASSES, generate_shapes, render_scene
+from components.tasks.loss_registry import build_loss
+from components.tasks.segmentation.trainer import PAPER_PROXY, ProxyConfig, poly_lr, train_proxy
+from components.tasks.segmentation.baselines import BASELINE_LOSSES
+from components.tasks.segmentation.models import model_preset
+from components.tasks.segmentation.metrics import METRIC_NAMES
+from components.tasks.segmentation.datasets import open_voc
+from components.tasks.segmentation.shapes import SHAPES_CLASSES, generate_shapes, render_scene
 
 TINY = ProxyConfig(model=model_preset("lite", input_size=32), iterations=4, batch_size=2, eval_batch_size=4,
                    lr=0.01, device="cpu", seed=0)

@@ -8,19 +8,21 @@ import numpy as np
 import pytest
 import torch
 
-from components import operators, rejection
+from components.search import operators
+
+from components.search import screening as rejection
 from components.errors import LossforgeError
-from components.generation import TreeGenerator
-from components.loss_graph import LossGraph, Node
-from components.rejection import (
+from components.search.generation import TreeGenerator
+from components.search.graph import LossGraph, Node
+from components.search.screening import (
     ProbeObjective,
     ScreeningConfig,
     screen,
-    screen_many,
     screen_naive,
 )
-from components.segmentation_task import build_screening_problem
-from components.shapes_dataset import SHAPES_CLASSES, render_scene
+from components.search.parallel_screening import screen_many
+from components.tasks.segmentation.task import build_screening_problem
+from components.tasks.segmentation.shapes import SHAPES_CLASSES, render_scene
 
 from screening_support import seg, shapes_items
 

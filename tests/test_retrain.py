@@ -7,8 +7,8 @@ import pytest
 from torch import nn
 
 from components.errors import LossforgeError
-from components.loss_registry import build_loss
-from components.retrain import (
+from components.tasks.loss_registry import build_loss
+from components.tasks.retrain import (
     PAPER_RETRAIN,
     ComparisonRow,
     ComparisonTable,
@@ -18,10 +18,10 @@ from components.retrain import (
     retrain_and_compare,
     write_table,
 )
-from components.seg_models import model_preset
-from components.segmentation_metrics import METRIC_NAMES
-from components.seg_datasets import open_voc
-from components.shapes_dataset import generate_shapes
+from components.tasks.segmentation.models import model_preset
+from components.tasks.segmentation.metrics import METRIC_NAMES
+from components.tasks.segmentation.datasets import open_voc
+from components.tasks.segmentation.shapes import generate_shapes
 
 
 class AlwaysNan(nn.Module):
@@ -115,6 +115,6 @@ def test_baselines_and_paper_settings():
     built = baseline_losses(["ce", {"type": "focal", "gamma": 1.0}], num_classes=8)
     assert list(built) == ["ce", "focal(gamma=1.0)"]
     assert PAPER_RETRAIN.model.encoder == "resnet101" and PAPER_RETRAIN.model.input_size == 512
-    from components.proxy_training import ProxyConfig
+    from components.tasks.segmentation.trainer import ProxyConfig
 
     assert RetrainConfig().iterations > ProxyConfig().iterations  # a longer schedule than the proxy default

@@ -16,11 +16,11 @@ import numpy as np
 import pytest
 import torch
 
-from components.equivalence import EquivalenceCache
-from components.generation import TreeGenerator
-from components.rejection import REASONS, ScreeningConfig, ScreeningResult, screen
-from components.segmentation_task import build_screening_problem
-from components.shapes_dataset import render_scene
+from components.search.equivalence import EquivalenceCache
+from components.search.generation import TreeGenerator
+from components.search.screening import REASONS, ScreeningConfig, ScreeningResult, screen
+from components.tasks.segmentation.task import build_screening_problem
+from components.tasks.segmentation.shapes import render_scene
 
 CANDIDATES = 10_000
 
@@ -106,8 +106,8 @@ def test_fast_objective_gives_the_autograd_outcomes(monkeypatch, chunked, count)
     chunked, the reuse of unchanged steps) against the autograd objective on a fuzzed stream, both through
     their own gradient-equivalence cache: the same outcome for every candidate (verdict, reason, g,
     fingerprint, steps, cache reuse), NaN/Inf and zero gradients included."""
-    from components import rejection
-    from components.rejection import ProbeObjective
+    from components.search import screening as rejection
+    from components.search.screening import ProbeObjective
 
     problem = _problem()
     config = ScreeningConfig(samples=3, steps=6, lr=0.5, threshold=0.05)

@@ -9,12 +9,12 @@ import pytest
 import torch
 
 from components.errors import LossforgeError
-from components.evolution import EvolutionConfig, SearchStalledError
-from components.equivalence import EquivalenceCache
-from components.proxy_training import ProxyResult
-from components.rejection import ScreeningConfig
-from components.search_engine import Candidate, SearchEngine
-from components.segmentation_task import build_screening_problem
+from components.search.evolution import EvolutionConfig, SearchStalledError
+from components.search.equivalence import EquivalenceCache
+from components.tasks.segmentation.trainer import ProxyResult
+from components.search.screening import ScreeningConfig
+from components.search.engine import Candidate, SearchEngine
+from components.tasks.segmentation.task import build_screening_problem
 
 NUM_CLASSES = 3
 SCREENING = ScreeningConfig(samples=2, steps=5, lr=0.5, threshold=0.0)  # tiny, permissive protocol (fast tests)

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from components.errors import LossforgeError
-from components.seg_datasets import (
+from components.tasks.segmentation.datasets import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     VOC_CLASSES,
@@ -24,7 +24,7 @@ from components.seg_datasets import (
     open_voc,
     read_class_list,
 )
-from components.shapes_dataset import SHAPES_CLASSES, generate_shapes
+from components.tasks.segmentation.shapes import SHAPES_CLASSES, generate_shapes
 
 SIZE = 64
 

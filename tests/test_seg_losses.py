@@ -1,4 +1,4 @@
-"""Tests for components/seg_losses.py: behaviour, hand computations and brute-force Lovász extension."""
+"""Tests for components/tasks/segmentation/baselines.py: behaviour, hand computations and brute-force Lovász extension."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from components.errors import LossforgeError
-from components.seg_losses import (
+from components.tasks.segmentation.baselines import (
     BASELINE_LOSSES,
     BinarySoftIoULoss,
     CrossEntropyLoss,

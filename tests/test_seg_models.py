@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from components.errors import LossforgeError
-from components.seg_models import (
+from components.tasks.segmentation.models import (
     MODEL_PRESETS,
     ModelConfig,
     build_model,

@@ -1,4 +1,4 @@
-"""Tests for components/segmentation_metrics.py: hand-worked examples and a slow loop reference."""
+"""Tests for components/tasks/segmentation/metrics.py: hand-worked examples and a slow loop reference."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from components.errors import LossforgeError
-from components.segmentation_metrics import (
+from components.tasks.segmentation.metrics import (
     METRIC_NAMES,
     SegmentationMetrics,
     canonical_metric_name,

@@ -13,7 +13,7 @@ from PIL import Image
 from pycocotools.coco import COCO
 
 from components.errors import LossforgeError
-from components.shapes_dataset import (
+from components.tasks.segmentation.shapes import (
     SHAPES_CLASSES,
     SHAPES_KEYPOINTS,
     SHAPES_SKELETONS,
@@ -321,7 +321,7 @@ def test_progress_callback_counts_every_image(tmp_path):
 
 
 def test_ensure_shapes_reuses_a_matching_dataset_and_regenerates_on_change(tmp_path):
-    from components.shapes_dataset import ensure_shapes
+    from components.tasks.segmentation.shapes import ensure_shapes
 
     root = tmp_path / "shapes"
     ensure_shapes(root, num_train=4, num_test=2, image_size=32, seed=0)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from components.errors import LossforgeError
-from components.splits import Split, SplitError, make_split, read_manifest, write_manifest, write_search_splits
+from components.tasks.splits import Split, SplitError, make_split, read_manifest, write_manifest, write_search_splits
 
 IDS = [f"img_{k:03d}" for k in range(40)]
 

@@ -9,12 +9,12 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from components.loss_registry import build_loss
-from components.proxy_training import ProxyConfig, train_proxy
-from components.seg_models import build_model, build_wave_model, model_preset
-from components.segmentation_metrics import SegmentationMetrics
-from components.shapes_dataset import SHAPES_CLASSES, render_scene
-from components.wave_unet import WaveUNet
+from components.tasks.loss_registry import build_loss
+from components.tasks.segmentation.trainer import ProxyConfig, train_proxy
+from components.tasks.segmentation.models import build_model, build_wave_model, model_preset
+from components.tasks.segmentation.metrics import SegmentationMetrics
+from components.tasks.segmentation.shapes import SHAPES_CLASSES, render_scene
+from components.tasks.segmentation.wave_unet import WaveUNet
 
 WAVE = ProxyConfig(model=model_preset("cpu_unet", widths=(8, 16)), iterations=6, batch_size=2, eval_batch_size=4,
                    lr=0.01, optimizer="adamw", weight_decay=1e-4, device="cpu", seed=3)

@@ -25,9 +25,10 @@ DEFAULT_OUT = "reports/compare"
 
 def resolve_loss(arg: str) -> tuple[str, Any]:
     """(row name, build_loss spec) of one LOSS argument; a bad name or file is a one-line LossforgeError."""
-    from components import loss_json, metric_surrogates
+    from components.search import graph_json as loss_json
+    from components.surrogates import metric_surrogates
     from components.atomic_io import read_json
-    from components.loss_registry import LOSSES, SPECIAL_TYPES, build_loss
+    from components.tasks.loss_registry import LOSSES, SPECIAL_TYPES, build_loss
 
     path = Path(arg)
     if not (path.suffix.lower() == ".json" or os.sep in arg or path.exists()):
@@ -82,7 +83,7 @@ def resolve_seeds(params, seeds: Optional[int]) -> list[int]:
 
 def check_dataset(dataset: str) -> None:
     """A `--dataset` must open (train and val splits) and its val images must not be training images."""
-    from components.seg_datasets import open_segmentation_dataset
+    from components.tasks.segmentation.datasets import open_segmentation_dataset
 
     if not Path(dataset).exists():
         raise LossforgeError(f"--dataset: dataset not found: {dataset}")

@@ -33,7 +33,7 @@ def make_shapes(
     image_format: str = typer.Option("jpg", "--format", help="Image file format: jpg (as VOC) or png (lossless)."),
 ) -> None:
     """Generate the embedded shapes dataset (VOC layout + COCO JSON)."""
-    from components.shapes_dataset import SHAPES_CLASSES, ShapesConfig, generate_shapes
+    from components.tasks.segmentation.shapes import SHAPES_CLASSES, ShapesConfig, generate_shapes
 
     config = ShapesConfig(num_train=num_train, num_test=num_test, image_size=size, seed=seed,
                           image_format=image_format, ignore_band=ignore_band)
@@ -66,8 +66,8 @@ def split(
     test_split: str = typer.Option("val", "--test-split", help="The dataset's held-out list (final re-training)."),
 ) -> None:
     """Carve S_eval out of the training images; write the S_train, S_eval and test manifests."""
-    from components.seg_datasets import open_segmentation_dataset
-    from components.splits import write_search_splits
+    from components.tasks.segmentation.datasets import open_segmentation_dataset
+    from components.tasks.splits import write_search_splits
 
     train = open_segmentation_dataset(data, split=train_split)
     test = open_segmentation_dataset(data, split=test_split)

@@ -53,9 +53,9 @@ def show(
     timeout: float = typer.Option(20.0, help="Seconds allowed for SymPy simplification."),
 ) -> None:
     """Print the loss as a readable formula, its simplified SymPy form and LaTeX."""
-    from components.loss_export import simplify as simplify_graph
-    from components.loss_export import to_latex
-    from components.loss_json import load_graph
+    from components.search.export import simplify as simplify_graph
+    from components.search.export import to_latex
+    from components.search.graph_json import load_graph
 
     graph = load_graph(file)
     console.print(f"[bold]{file}[/] task={graph.task} hash={graph.hash()}")
@@ -93,7 +93,7 @@ def _default_probe_root() -> Path:
 
 
 def _open_probe_dataset(data: Optional[Path]):
-    from components.seg_datasets import open_segmentation_dataset
+    from components.tasks.segmentation.datasets import open_segmentation_dataset
 
     if data is not None:
         if not data.exists():
@@ -101,7 +101,7 @@ def _open_probe_dataset(data: Optional[Path]):
         return open_segmentation_dataset(data), str(data)
     root = _default_probe_root()
     if not (root / "ImageSets").is_dir():
-        from components.shapes_dataset import generate_shapes
+        from components.tasks.segmentation.shapes import generate_shapes
 
         with console.status(f"generating the embedded shapes dataset into {root} ..."):
             generate_shapes(root, num_train=PROBE_TRAIN_IMAGES, num_test=PROBE_TEST_IMAGES,
@@ -124,12 +124,12 @@ def check(
     threshold: float = typer.Option(0.6, help="Rejection threshold η."),
     gain: str = typer.Option("normalized", help="Acceptance rule: normalized (share of the headroom) or absolute (paper)."),
     seed: int = typer.Option(0, help="Seed for the probe samples and the random network."),
-    model: str = typer.Option("lite", help="components.seg_models preset of the random network."),
+    model: str = typer.Option("lite", help="components.tasks.segmentation.models preset of the random network."),
 ) -> None:
     """Run the loss-rejection protocol on the segmentation probe; print g and the verdict."""
-    from components.loss_json import load_graph
-    from components.rejection import ScreeningConfig, screen
-    from components.segmentation_task import build_screening_problem
+    from components.search.graph_json import load_graph
+    from components.search.screening import ScreeningConfig, screen
+    from components.tasks.segmentation.task import build_screening_problem
 
     graph = load_graph(file)
     if "seg" not in graph.branches or graph.task != "segmentation":
@@ -163,8 +163,8 @@ def export(
     class_name: str = typer.Option("SearchedLoss", help="Name of the nn.Module class."),
 ) -> None:
     """Write the loss as a standalone .py file defining an nn.Module (needs only torch)."""
-    from components.loss_export import write_module
-    from components.loss_json import load_graph
+    from components.search.export import write_module
+    from components.search.graph_json import load_graph
 
     if not class_name.isidentifier():
         raise LossforgeError(f"--class-name {class_name!r} is not a Python identifier")

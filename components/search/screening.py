@@ -11,7 +11,7 @@ The acceptance rule (`ScreeningConfig.gain`) decides how g is measured:
 * ``"normalized"`` (default): g = mean_b (ξ(ŷ*_b) − ξ(ŷ_b)) / (ξ_max,b − ξ(ŷ_b)), the share of the
   reachable headroom the loss closes, with ξ_max,b the metric of the perfect prediction
   (`ScreeningProblem.perfect_predictions`: the target itself, or for a boundary-target probe the labels
-  on the edges that y carries, see components.segmentation_task). It is computed, not assumed to be 1:
+  on the edges that y carries, see components.tasks.segmentation.task). It is computed, not assumed to be 1:
   a sample without boundaries has BIoU/BF1 ξ_max = 0. Samples whose headroom is ≤ `HEADROOM_EPS` are
   skipped (they cannot tell losses apart); a probe with no headroom at all is an error.
 * ``"absolute"``: the paper's g = mean_b ξ(ŷ*_b) − ξ(ŷ_b). Reason for not making it the default: with
@@ -48,7 +48,7 @@ the other.
   the next loss and gradient are the same again, so only the momentum is advanced; once the momentum
   reaches its fixed point as well, nothing can change any more and the remaining steps are skipped;
 * ξ of the initial and of the perfect predictions (the same for every candidate) computed once per probe;
-* the gradient-equivalence cache (`components.equivalence`): the gradient norms at the initial
+* the gradient-equivalence cache (`components.search.equivalence`): the gradient norms at the initial
   predictions are the first SGD step's gradient anyway, so the fingerprint is free and a candidate
   whose fingerprint was already screened (under the same problem and config) reuses that outcome;
 * an optional early check (`ScreeningConfig.early_check_step`, off by default): at that step g is
@@ -58,7 +58,7 @@ the other.
   have reached η by the last step is rejected (a false rejection); no rejected loss is ever accepted
   by it. With the default (None) the verdicts are the paper's. `bench/screening.py` measures how
   often it disagrees with the full protocol.
-* `screen_many(..., workers=n)`: a process pool over candidates (fork), one torch thread each.
+* `parallel_screening.screen_many(..., workers=n)`: a process pool over candidates (fork), one torch thread each.
 """
 
 from __future__ import annotations
@@ -68,9 +68,8 @@ import json
 import math
 import time
 import weakref
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, replace
-from typing import TYPE_CHECKING, Callable, Literal, Mapping, Sequence
+from typing import TYPE_CHECKING, Callable, Literal, Mapping, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -79,8 +78,16 @@ from torch import Tensor
 from components.errors import LossforgeError
 
 if TYPE_CHECKING:  # pragma: no cover
-    from components.equivalence import EquivalenceCache
-    from components.loss_graph import LossGraph
+    from components.search.graph import LossGraph
+
+
+class ScreeningCache(Protocol):
+    """Where verdicts are remembered by gradient fingerprint (`components.search.equivalence.EquivalenceCache`);
+    a protocol so that the screening does not import the cache (the cache uses this module's helpers)."""
+
+    def get_screening(self, fp: tuple | None, config_digest: str | None = None) -> "ScreeningResult | None": ...
+
+    def put_screening(self, fp: tuple, result: "ScreeningResult", config_digest: str, graph=None) -> None: ...
 
 InputsFn = Callable[[Tensor, Tensor], Mapping[str, Mapping[str, Tensor]]]
 MetricFn = Callable[[Tensor, Tensor], Tensor]
@@ -233,7 +240,7 @@ class ProbeObjective:
     """
 
     def __init__(self, graph: "LossGraph", problem: ScreeningProblem, samples: int, normalize: bool = False):
-        from components.operators import CONSTANT_VALUES, get_operator_set
+        from components.search.operators import CONSTANT_VALUES, get_operator_set
 
         if samples > problem.samples:
             raise LossforgeError(f"screening: config asks for {samples} samples, the probe has {problem.samples}")
@@ -298,7 +305,7 @@ class ProbeObjective:
 
     def per_sample(self, pred: Tensor) -> Tensor:
         """Loss of each probe sample, shape `(B,)` (summed over branches)."""
-        from components.loss_graph import reduce_eq3
+        from components.search.graph import reduce_eq3
 
         inputs = self.build_inputs(pred, self.targets)
         total = None
@@ -714,7 +721,7 @@ def _rule_pool(sign: int):
 def _fold_fn(fn):
     """The function that computes a constant sub-tree node: the operator's own, except 3×3 pooling,
     whose forward is `_Pool3`'s (the same values; PyTorch's CPU max_pool2d is scalar code)."""
-    from components import operators as o
+    from components.search import operators as o
 
     if fn is o.azl_max_pool3 or fn is o.azl_min_pool3:
         pool = _Pool3(1 if fn is o.azl_max_pool3 else -1)
@@ -728,7 +735,7 @@ _RULES: dict = {}
 def _manual_rules() -> dict:
     """operator fn -> (fwd, bwd), for the operators with a hand-written backward."""
     if not _RULES:
-        from components import operators as o
+        from components.search import operators as o
 
         _RULES.update({
             o.azl_add: _rule_add(), o.azl_mul: _rule_mul(), o.azl_neg: _rule_neg(), o.azl_abs: _rule_abs(),
@@ -954,7 +961,7 @@ def screen(
     graph: "LossGraph",
     problem: ScreeningProblem,
     config: ScreeningConfig | None = None,
-    cache: "EquivalenceCache | None" = None,
+    cache: "ScreeningCache | None" = None,
     *,
     progress: Callable[[int, int], None] | None = None,
 ) -> ScreeningResult:
@@ -1138,89 +1145,6 @@ def _screen_naive(graph, problem, config: ScreeningConfig, start: float) -> Scre
     return ScreeningResult(accepted, score, reason, fingerprint, time.perf_counter() - start, config.steps)
 
 
-# --------------------------------------------------------------------------------------------------
-# Many candidates, optionally over a process pool.
-
-_WORKER_STATE: dict = {}
-
-
-def _worker_init(problem: ScreeningProblem, config: ScreeningConfig) -> None:
-    torch.set_num_threads(1)
-    _WORKER_STATE["problem"] = problem
-    _WORKER_STATE["config"] = config
-
-
-def _worker_screen(graph_json: str) -> dict:
-    from components.loss_json import graph_from_dict
-
-    start = time.perf_counter()
-    try:
-        graph = graph_from_dict(json.loads(graph_json))
-    except (LossforgeError, ValueError, KeyError, TypeError) as exc:
-        return ScreeningResult(False, None, _one_line(exc), None, time.perf_counter() - start).to_dict()
-    return screen(graph, _WORKER_STATE["problem"], _WORKER_STATE["config"]).to_dict()
-
-
-def screen_many(
-    graphs: Sequence["LossGraph"],
-    problem: ScreeningProblem,
-    config: ScreeningConfig | None = None,
-    cache: "EquivalenceCache | None" = None,
-    workers: int = 1,
-) -> list[ScreeningResult]:
-    """Screen candidates in order; equal to calling `screen` on each in turn with the same cache.
-
-    With workers > 1 the gradient-duplicates are resolved in this process first and the remaining
-    candidates are screened by a fork-based process pool (graphs travel as JSON, one torch thread per
-    worker). If the pool cannot be used, the candidates are screened here instead.
-    """
-    config = config or ScreeningConfig()
-    if workers <= 1 or len(graphs) < 2:
-        return [screen(g, problem, config, cache) for g in graphs]
-    from components.equivalence import EquivalenceCache, gradient_fingerprint_or_none
-    from components.loss_json import graph_to_dict
-
-    import multiprocessing
-
-    local = cache if cache is not None else EquivalenceCache(None, problem.key)
-    digest = config.digest()
-    fps = [gradient_fingerprint_or_none(g, problem, config.samples) for g in graphs]
-    first: set[tuple] = set()
-    jobs: list[int] = []  # the first candidate of each unseen fingerprint, and every fingerprint-less one
-    for i, fp in enumerate(fps):
-        if fp is None:
-            jobs.append(i)
-        elif fp not in first and local.get_screening(fp, digest) is None:
-            first.add(fp)
-            jobs.append(i)
-    results: list[ScreeningResult | None] = [None] * len(graphs)
-    threads = torch.get_num_threads()
-    try:
-        ctx = multiprocessing.get_context("fork")
-        with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_worker_init,
-                                 initargs=(problem, config)) as pool:
-            payloads = [json.dumps(graph_to_dict(graphs[i])) for i in jobs]
-            for i, res in zip(jobs, pool.map(_worker_screen, payloads, chunksize=1)):
-                results[i] = ScreeningResult.from_dict(res)
-    except (OSError, ValueError, RuntimeError) as exc:  # no fork, broken pool, ...: screen here
-        for i in jobs:
-            results[i] = None
-        del exc
-    finally:
-        torch.set_num_threads(threads)
-    for i, graph in enumerate(graphs):
-        res = results[i]
-        if res is None:
-            hit = local.get_screening(fps[i], digest) if fps[i] is not None else None
-            if hit is not None:
-                results[i] = replace(hit, cached=True, seconds=0.0, fingerprint=fps[i], steps_run=0)
-            else:
-                results[i] = screen(graph, problem, config, local)
-        elif res.fingerprint is not None:
-            local.put_screening(res.fingerprint, res, digest, graph)
-    return results  # type: ignore[return-value]
-
-
 __all__ = [
     "ScreeningProblem",
     "ScreeningConfig",
@@ -1230,7 +1154,6 @@ __all__ = [
     "GAIN_RULES",
     "screen",
     "screen_naive",
-    "screen_many",
     "initial_gradient",
     "fingerprint_from_grad",
     "round_significant",

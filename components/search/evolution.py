@@ -49,7 +49,7 @@ class EvolutionConfig:
     max_attempts: int = 100_000  # generation/mutation attempts per handed-out candidate
     stall_warning_every: int = 500  # warn after every this many rejected candidates in a row (0 = never)
     depth: int = 3  # D, initial depth of random trees
-    operator_set: str = "autoloss_zero"  # named operator set (components.operators)
+    operator_set: str = "autoloss_zero"  # named operator set (components.search.operators)
 
     def __post_init__(self) -> None:
         checks = [
@@ -129,7 +129,7 @@ class RegularizedEvolution:
     """Steady-state regularised evolution.
 
     `generator` provides `random_graph(task) -> LossGraph` and `offspring(graph) -> (LossGraph, str)`
-    (components.generation.TreeGenerator); it must draw from the same `rng` so that saving the rng
+    (components.search.generation.TreeGenerator); it must draw from the same `rng` so that saving the rng
     state captures all randomness.
     """
 
@@ -216,7 +216,7 @@ class RegularizedEvolution:
     # ----------------------------------------------------------------- persistence
     def state_dict(self) -> dict[str, Any]:
         """JSON-able state: config, window, in-flight individuals, counters, rng state."""
-        from components.loss_json import graph_to_dict
+        from components.search.graph_json import graph_to_dict
 
         def ind_dict(ind: Individual) -> dict[str, Any]:
             return {
@@ -241,7 +241,7 @@ class RegularizedEvolution:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore `state_dict()` output (validated; the rng is restored in place)."""
-        from components.loss_json import graph_from_dict
+        from components.search.graph_json import graph_from_dict
 
         if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
             got = state.get("format") if isinstance(state, dict) else type(state).__name__

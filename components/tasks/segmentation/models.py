@@ -7,7 +7,7 @@ Models (``ModelConfig.name``):
   ``decoder_channels`` is the width of the ASPP/decoder head; ``output_stride`` 8 or 16.
 - ``"deeplabv3"``: torchvision's DeepLabV3 (``encoder`` resnet50, resnet101 or mobilenet_v3_large; the
   torchvision head has a fixed width of 256).
-- ``"unet"``: the small grouped UNet of ``components.wave_unet`` (``widths`` channels per level), the CPU
+- ``"unet"``: the small grouped UNet of ``components.tasks.segmentation.wave_unet`` (``widths`` channels per level), the CPU
   proxy: it trains a wave of M candidate losses as one network, and from scratch it learns the embedded
   data within a few hundred AdamW steps at 32² (``encoder``/``decoder_channels``/``output_stride`` unused).
 
@@ -125,7 +125,7 @@ def build_wave_model(cfg: ModelConfig, num_classes: int, members: int) -> nn.Mod
     The single-member network is built first from torch's current seed and tiled, so every member starts
     from the weights ``build_model`` would give under the same seed.
     """
-    from components.wave_unet import WaveUNet
+    from components.tasks.segmentation.wave_unet import WaveUNet
 
     if cfg.name != "unet":
         raise LossforgeError(f"model.name: waves need the 'unet' model, got {cfg.name!r}")

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from components.atomic_io import write_json_atomic
-from components.loss_graph import (
+from components.search.graph import (
     MAX_DEPTH,
     MAX_NODES,
     TASK_BRANCHES,
@@ -40,7 +40,7 @@ from components.loss_graph import (
     branch_inputs,
     default_branch_weight,
 )
-from components.operators import OPERATOR_SETS
+from components.search.operators import OPERATOR_SETS
 
 FORMAT = "lossforge.loss/1"
 MAX_FILE_BYTES = 1 << 20

@@ -4,7 +4,7 @@ All randomness comes from the ``random.Random`` given to :class:`TreeGenerator`,
 ``getstate()`` and restoring it reproduces the same stream of trees. Operators are sampled uniformly
 from the tree's operator set, inputs uniformly (with replacement) from the tree's inputs.
 
-In the paper the root is an output node with a single child; in :class:`~components.loss_graph.LossTree`
+In the paper the root is an output node with a single child; in :class:`~components.search.graph.LossTree`
 that child is the root. Hence the paper's "non-root nodes" are all our nodes, and:
 
 * insertion picks any node (operator or input leaf) and puts a new operator between it and its
@@ -27,7 +27,7 @@ from __future__ import annotations
 import random
 from typing import Sequence
 
-from components.loss_graph import (
+from components.search.graph import (
     MAX_DEPTH,
     MAX_NODES,
     TASK_BRANCHES,
@@ -41,7 +41,7 @@ from components.loss_graph import (
     iter_paths,
     replace_at,
 )
-from components.operators import get_operator_set
+from components.search.operators import get_operator_set
 
 MUTATIONS = ("insertion", "deletion", "replacement")
 COPY_PROBABILITY = 0.1

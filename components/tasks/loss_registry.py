@@ -6,13 +6,13 @@ name. ``build_loss`` accepts
 - a name: ``"ce"``;
 - a dict with ``"type"`` and keyword arguments: ``{"type": "focal", "gamma": 2}``;
 - a searched loss graph: ``{"type": "graph", "path": "loss.json"}`` (or ``"graph": <dict>``), rebuilt
-  through the operator whitelist by ``components.loss_json`` and wrapped in ``GraphSegLoss``; optional
+  through the operator whitelist by ``components.search.graph_json`` and wrapped in ``GraphSegLoss``; optional
   ``"target": "label" | "boundary"`` (the loss input ``y``; boundary = the per-class edge maps that
   BIoU/BF1 searches train on, AutoLoss-Zero A.1) with ``"boundary"``/``"boundary_width"``. Without
   ``"target"``, the loss JSON's ``metadata.target`` (written by the search) is used, else "label";
 - an Auto Seg-Loss surrogate: ``{"type": "surrogate", "path": "surrogate.json"}`` (needs ``num_classes``).
 
-The handcrafted baselines of ``components.seg_losses.BASELINE_LOSSES`` are registered on first use.
+The handcrafted baselines of ``components.tasks.segmentation.baselines.BASELINE_LOSSES`` are registered on first use.
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ class LossRegistry:
     def _load_baselines(self) -> None:
         if self._baselines_loaded:
             return
-        from components.seg_losses import BASELINE_LOSSES
+        from components.tasks.segmentation.baselines import BASELINE_LOSSES
 
         for name, klass in BASELINE_LOSSES.items():
             if name not in self._classes:
@@ -106,9 +106,9 @@ GRAPH_KEYS = ("type", "graph", "path", "target", "boundary", "boundary_width", "
 
 
 def _build_graph(spec: Mapping[str, Any]) -> nn.Module:
-    from components import loss_json
+    from components.search import graph_json as loss_json
     from components.atomic_io import read_json
-    from components.segmentation_task import TRAINING_TARGETS, GraphSegLoss
+    from components.tasks.segmentation.task import TRAINING_TARGETS, GraphSegLoss
 
     unknown = [k for k in spec if k not in GRAPH_KEYS]
     if unknown:
@@ -133,7 +133,7 @@ def _build_graph(spec: Mapping[str, Any]) -> nn.Module:
 
 
 def _build_surrogate(spec: Mapping[str, Any], num_classes: int | None) -> nn.Module:
-    from components import metric_surrogates
+    from components.surrogates import metric_surrogates
 
     n = spec.get("num_classes", num_classes)
     if n is None:

@@ -24,9 +24,9 @@ from torch.utils.data import Dataset
 
 from components.atomic_io import write_json_atomic
 from components.errors import LossforgeError
-from components.proxy_training import ProgressCallback, ProxyConfig, train_proxy
-from components.seg_models import MODEL_PRESETS, ModelConfig
-from components.segmentation_metrics import METRIC_NAMES, canonical_metric_name
+from components.tasks.segmentation.trainer import ProgressCallback, ProxyConfig, train_proxy
+from components.tasks.segmentation.models import MODEL_PRESETS, ModelConfig
+from components.tasks.segmentation.metrics import METRIC_NAMES, canonical_metric_name
 
 TABLE_FORMAT = "lossforge.comparison/1"
 DEFAULT_BASELINES = ("ce", "weighted_ce", "dice", "lovasz", "focal", "soft_iou")
@@ -246,7 +246,7 @@ def merge_tables(tables: Sequence[ComparisonTable]) -> ComparisonTable:
 def baseline_losses(names: Iterable[str | Mapping[str, Any]] = DEFAULT_BASELINES,
                     num_classes: int | None = None) -> dict[str, nn.Module]:
     """Build the handcrafted baselines to compare against (names or specs for ``build_loss``)."""
-    from components.loss_registry import build_loss, loss_name
+    from components.tasks.loss_registry import build_loss, loss_name
 
     return {loss_name(spec): build_loss(spec, num_classes=num_classes) for spec in names}
 

@@ -5,9 +5,9 @@
   and are masked out of Eq. 3.
 * `build_screening_problem(dataset, metric, ...)`: the loss-rejection probe of AutoLoss-Zero §3.2:
   B random training samples resized to `size`×`size` and the logits a randomly initialised
-  segmentation network (components.seg_models, preset "lite" by default) predicts for them, shaped
+  segmentation network (components.tasks.segmentation.models, preset "lite" by default) predicts for them, shaped
   `(B, 1, C, H, W)`; the metric ξ is computed per sample on the argmax labels. The perfect prediction
-  (the one-hot target as logits) gives ξ_max for the normalised gain of components.rejection.
+  (the one-hot target as logits) gives ξ_max for the normalised gain of components.search.screening.
 * Boundary targets (AutoLoss-Zero A.1: "for the boundary metrics, we use the pre-computed boundaries of
   y as the training targets"): for BIoU/BF1 (`training_target_for_metric`) the loss input `y` is
   `boundary_target(one-hot)`, the per-class edge maps of the metric's own boundary definition
@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from components.errors import LossforgeError
-from components.rejection import ScreeningProblem
+from components.search.screening import ScreeningProblem
 
 IGNORE_INDEX = 255
 SEG_BRANCH = "seg"
@@ -39,7 +39,7 @@ TRAINING_TARGETS = ("label", "boundary")
 
 def training_target_for_metric(metric: str) -> str:
     """What a segmentation loss searched for `metric` trains on: "boundary" for BIoU/BF1, else "label"."""
-    from components.segmentation_metrics import BOUNDARY_METRICS, canonical_metric_name
+    from components.tasks.segmentation.metrics import BOUNDARY_METRICS, canonical_metric_name
 
     return "boundary" if canonical_metric_name(metric) in BOUNDARY_METRICS else "label"
 
@@ -58,7 +58,7 @@ def boundary_target(y: Tensor, valid: Tensor | None = None, *, definition: str =
     class belongs to no class. Edges are `segmentation_metrics.class_boundaries` of the label map with the
     metric's `definition` and `width`, so the targets are the metric's own ground-truth edges.
     """
-    from components.segmentation_metrics import class_boundaries
+    from components.tasks.segmentation.metrics import class_boundaries
 
     if y.dim() < 4:
         raise LossforgeError(f"boundary_target: y must be (..., N, C, H, W), got shape {tuple(y.shape)}")
@@ -122,7 +122,7 @@ class GraphSegLoss(nn.Module):
         self.branch = branch
         self.target = _check_target(target, "GraphSegLoss")
         if target == "boundary":
-            from components.segmentation_metrics import BoundarySpec
+            from components.tasks.segmentation.metrics import BoundarySpec
 
             BoundarySpec(boundary, boundary_width)  # validates the definition and width (one-line error)
         self.boundary = boundary
@@ -167,7 +167,7 @@ def _network_logits(images: Tensor, num_classes: int, seed: int, model: str | nn
         if isinstance(model, nn.Module):
             net = model
         else:
-            from components.seg_models import build_model, model_preset
+            from components.tasks.segmentation.models import build_model, model_preset
 
             net = build_model(model_preset(model), num_classes)
         net.eval()
@@ -212,7 +212,7 @@ class _SegMetric:
     """ξ per sample: the named metric of the argmax labels, NaN (undefined) counted as 0."""
 
     def __init__(self, name: str, num_classes: int, ignore_index: int | None, kwargs: Mapping[str, Any]):
-        from components.segmentation_metrics import canonical_metric_name
+        from components.tasks.segmentation.metrics import canonical_metric_name
 
         self.name = canonical_metric_name(name)
         self.num_classes = num_classes
@@ -220,7 +220,7 @@ class _SegMetric:
         self.kwargs = dict(kwargs)
 
     def __call__(self, pred: Tensor, targets: Tensor) -> Tensor:
-        from components.segmentation_metrics import per_sample_metric
+        from components.tasks.segmentation.metrics import per_sample_metric
 
         labels = pred.argmax(dim=-3)
         values = per_sample_metric(self.name, labels, targets, self.num_classes,
@@ -244,9 +244,9 @@ def build_screening_problem(
 ) -> ScreeningProblem:
     """The segmentation probe: `samples` random items of `dataset` (image (3,H,W), mask (H,W)) resized to
     `size`², with logits `(B,1,C,size,size)` of a randomly initialised network (`model`: a
-    components.seg_models preset name or a module) seeded by `seed`.
+    components.tasks.segmentation.models preset name or a module) seeded by `seed`.
 
-    `metric` is a metric name of components.segmentation_metrics (mIoU, BF1, ...) or a function
+    `metric` is a metric name of components.tasks.segmentation.metrics (mIoU, BF1, ...) or a function
     `(pred logits (B,1,C,H,W), targets (B,1,H,W)) -> (B,)`. `target` is the loss input `y`: "label"
     (one-hot) or "boundary" (`boundary_target`, with the boundary definition and width of
     `metric_kwargs`); None = `training_target_for_metric(metric)` ("label" for a metric function).
@@ -294,7 +294,7 @@ def build_screening_problem(
     kwargs = dict(metric_kwargs or {})
     boundary, width = kwargs.get("boundary", "avgpool"), kwargs.get("boundary_width", 1)
     if target == "boundary":
-        from components.segmentation_metrics import BoundarySpec
+        from components.tasks.segmentation.metrics import BoundarySpec
 
         BoundarySpec(boundary, width)  # one-line error for a bad definition or width
 

@@ -631,7 +631,7 @@ def _generate_into(root: Path, cfg: ShapesConfig, progress: Callable[[int, int],
     meta = {
         "format": DATASET_FORMAT,
         "name": "shapes",
-        "generator": "components.shapes_dataset.generate_shapes",
+        "generator": "components.tasks.segmentation.shapes.generate_shapes",
         "params": asdict(cfg),
         "classes": list(SHAPES_CLASSES),
         "ignore_label": IGNORE_LABEL,

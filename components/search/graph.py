@@ -26,7 +26,7 @@ from typing import Iterator, Mapping, Sequence
 import torch
 
 from components.errors import LossforgeError
-from components.operators import CONSTANT_VALUES, OPERATOR_SET_CONSTANTS, Operator, get_operator_set
+from components.search.operators import CONSTANT_VALUES, OPERATOR_SET_CONSTANTS, Operator, get_operator_set
 
 MAX_DEPTH = 32
 """Largest allowed tree depth (operator nodes on a path)."""

@@ -23,8 +23,8 @@ from pathlib import Path
 import sympy
 
 from components.errors import LossforgeError
-from components.loss_graph import LossGraph, LossTree, Node, reduce_eq3
-from components.operators import CONSTANT_VALUES, CSE_EPS, CSE_EXP_MAX, EPS
+from components.search.graph import LossGraph, LossTree, Node, reduce_eq3
+from components.search.operators import CONSTANT_VALUES, CSE_EPS, CSE_EXP_MAX, EPS
 
 _LATEX_SYMBOLS = {"y_hat": r"\hat{y}"}
 

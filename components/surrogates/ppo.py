@@ -37,7 +37,7 @@ import torch
 
 from components.atomic_io import read_json, write_json_atomic
 from components.errors import LossforgeError
-from components.metric_surrogates import SurrogateLoss, SurrogateSpec
+from components.surrogates.metric_surrogates import SurrogateLoss, SurrogateSpec
 
 STATE_FORMAT = "lossforge.ppo_state/1"
 MU_LIMIT = 1e-4  # μ is kept in [MU_LIMIT, 1 - MU_LIMIT] (finite logit)
@@ -116,7 +116,7 @@ class PPOCandidate:
         return SurrogateLoss(self.spec, num_classes)
 
     def loss_spec(self) -> dict[str, Any]:
-        """A components.loss_registry.build_loss spec of this candidate (the surrogate inline)."""
+        """A components.tasks.loss_registry.build_loss spec of this candidate (the surrogate inline)."""
         return {"type": "surrogate", "spec": self.spec.to_dict()}
 
 

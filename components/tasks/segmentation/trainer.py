@@ -3,7 +3,7 @@
 Recipe (AutoLoss-Zero appendix A.1, Auto Seg-Loss proxy; ``PAPER_PROXY``): DeepLabV3+ R50, images
 down-sampled to 128², batch 32, SGD momentum 0.9, weight decay 5e-4, lr 0.02 with ×10 on the head,
 poly decay (power 0.9) to 1e-4, a short schedule (3 epochs ≈ 1000 iterations on VOC). ``ProxyConfig()``
-defaults are the CPU proxy: the small grouped UNet (16-32-64 channels, ``components.wave_unet``) at 32²,
+defaults are the CPU proxy: the small grouped UNet (16-32-64 channels, ``components.tasks.segmentation.wave_unet``) at 32²,
 batch 4, 300 AdamW steps at lr 0.01 with poly decay — a few seconds per loss on one core. Measured on the
 embedded data (400 train / 100 test images, seed 0): CE reaches ~73 % mIoU (all-background: ~11 %),
 while soft IoU, weighted CE, Dice and Lovász land between 55 % and 75 %, so the proxy tells losses apart.
@@ -36,8 +36,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from components.errors import LossforgeError
-from components.seg_models import MODEL_PRESETS, ModelConfig, build_model, param_groups, resolve_device
-from components.segmentation_metrics import METRIC_NAMES, SegmentationMetrics, canonical_metric_name
+from components.tasks.segmentation.models import MODEL_PRESETS, ModelConfig, build_model, param_groups, resolve_device
+from components.tasks.segmentation.metrics import METRIC_NAMES, SegmentationMetrics, canonical_metric_name
 
 STATUSES = ("ok", "nan", "failed")
 OPTIMIZERS = ("sgd", "adamw")  # adamw: the CPU proxy (from scratch, few hundred steps); sgd: the papers
@@ -420,7 +420,7 @@ def train_proxy(
 
 
 # --------------------------------------------------------------------------------------------------
-# Waves: M losses trained as one grouped network (components.wave_unet).
+# Waves: M losses trained as one grouped network (components.tasks.segmentation.wave_unet).
 
 
 _INIT_LOCK = threading.Lock()
@@ -456,7 +456,7 @@ def _train_wave(losses: Mapping[str, nn.Module], train_ds: Dataset, eval_ds: Dat
     members still training: a NaN/Inf loss or an exception stops that member, whose weights then get zero
     gradients and are never evaluated. Time is shared equally between the members that were training.
     """
-    from components.seg_models import build_wave_model
+    from components.tasks.segmentation.models import build_wave_model
 
     if device.type == "cpu":
         cpu_convolutions_without_onednn()

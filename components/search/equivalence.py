@@ -21,10 +21,10 @@ from typing import TYPE_CHECKING, Any, Mapping
 
 from components.atomic_io import read_json, write_json_atomic
 from components.errors import LossforgeError
+from components.search.screening import ScreeningProblem, ScreeningResult, fingerprint_from_grad, initial_gradient
 
 if TYPE_CHECKING:  # pragma: no cover
-    from components.loss_graph import LossGraph
-    from components.rejection import ScreeningProblem, ScreeningResult
+    from components.search.graph import LossGraph
 
 CACHE_FORMAT = "lossforge.equivalence/1"
 
@@ -36,8 +36,6 @@ def gradient_fingerprint(graph: "LossGraph", problem: "ScreeningProblem", sample
 
     Raises LossforgeError when the loss or a gradient is NaN/Inf (such a loss has no fingerprint).
     """
-    from components.rejection import fingerprint_from_grad, initial_gradient
-
     _, _, losses, grad = initial_gradient(graph, problem, samples)
     if not bool(losses.isfinite().all()):
         raise LossforgeError("gradient fingerprint: the loss is NaN/Inf at the initial predictions")
@@ -144,8 +142,6 @@ class EquivalenceCache:
     # ------------------------------------------------------------------ screening / proxy helpers
     def get_screening(self, fp: Fingerprint | None, config_digest: str | None = None) -> "ScreeningResult | None":
         """The stored screening outcome for `fp`, if any and (when given) screened under `config_digest`."""
-        from components.rejection import ScreeningResult
-
         entry = self.get(fp) if fp is not None else None
         data = (entry or {}).get("screening")
         if not isinstance(data, dict):

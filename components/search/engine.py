@@ -55,7 +55,7 @@ from typing import Any, Callable, Mapping
 
 from components.atomic_io import read_json, write_json_atomic
 from components.errors import LossforgeError
-from components.evolution import EvolutionConfig, Individual, RegularizedEvolution, SearchStalledError
+from components.search.evolution import EvolutionConfig, Individual, RegularizedEvolution, SearchStalledError
 
 STATE_FORMAT = "lossforge.search/1"
 LOGGER_NAME = "lossforge.search"
@@ -109,7 +109,7 @@ def _screening_to_dict(result: Any) -> dict[str, Any]:
 
 
 def _screening_from_dict(data: Mapping[str, Any]) -> Any:
-    from components.rejection import ScreeningResult
+    from components.search.screening import ScreeningResult
 
     return ScreeningResult.from_dict(data)
 
@@ -137,7 +137,7 @@ def _config_from_dict(cls: type, data: Mapping[str, Any]) -> Any:
 class SearchEngine:
     """Regularised evolution + loss rejection + gradient-equivalence cache, steady-state, resumable.
 
-    `problem` is a components.rejection.ScreeningProblem (its `key` names task + metric + probe data);
+    `problem` is a components.search.screening.ScreeningProblem (its `key` names task + metric + probe data);
     `cache` an EquivalenceCache for that key (a fresh in-memory one by default, or give `cache_path`).
     `proxy_key` names the proxy-training settings: cached proxy scores are reused only under the
     same key (e.g. a digest of ProxyConfig + target metric), so a changed proxy never reuses stale scores.
@@ -157,9 +157,9 @@ class SearchEngine:
         proxy_key: str = "",
         on_warning: Callable[[str], None] | None = None,
     ):
-        from components.equivalence import EquivalenceCache
-        from components.generation import TreeGenerator
-        from components.rejection import ScreeningConfig
+        from components.search.equivalence import EquivalenceCache
+        from components.search.generation import TreeGenerator
+        from components.search.screening import ScreeningConfig
 
         self.problem = problem
         self.task = task
@@ -229,7 +229,7 @@ class SearchEngine:
     # ----------------------------------------------------------------- screening
     def _screen(self, graph: Any) -> bool:
         """Acceptance test handed to the evolution: the loss-rejection protocol with the cache."""
-        from components.rejection import screen
+        from components.search.screening import screen
 
         self.counters["generated"] += 1
         result = screen(graph, self.problem, self.screening_config, cache=self.cache)
@@ -374,7 +374,7 @@ class SearchEngine:
         return record
 
     def _record(self, cid: int, graph: Any, parent_id: int | None, mutation: str, screening: Any) -> dict[str, Any]:
-        from components.loss_json import graph_to_dict
+        from components.search.graph_json import graph_to_dict
 
         return {
             "id": cid,
@@ -460,8 +460,8 @@ class SearchEngine:
     @classmethod
     def from_state_dict(cls, state: Any, problem: Any, cache: Any = None, budget: int | None = None) -> "SearchEngine":
         """Rebuild a SearchEngine from `state_dict()` output (validated)."""
-        from components.equivalence import EquivalenceCache
-        from components.rejection import ScreeningConfig
+        from components.search.equivalence import EquivalenceCache
+        from components.search.screening import ScreeningConfig
 
         if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
             got = state.get("format") if isinstance(state, dict) else type(state).__name__

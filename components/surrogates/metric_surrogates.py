@@ -1,7 +1,7 @@
 """Parameterised differentiable surrogates of the six Table-1 segmentation metrics (Auto Seg-Loss §4.1).
 
 The one-hot prediction is relaxed to the softmax probabilities x; each logical operation of a metric gets its
-own curve g(·; θ) (components.bezier): AND(a, b) → g(a)·g(b), OR(a, b) → g(a) + g(b) − g(a)·g(b),
+own curve g(·; θ) (components.surrogates.bezier): AND(a, b) → g(a)·g(b), OR(a, b) → g(a) + g(b) − g(a)·g(b),
 XOR = OR − AND (boundaries). When one operand is binary (the target, its boundary, its dilated boundary)
 g is the identity on it (g(0) = 0, g(1) = 1 exactly), so only the soft operand goes through g.
 
@@ -11,7 +11,7 @@ boundary), ``prec_and``, ``recall_and``.
 
 Every sum runs over the whole batch (N, H, W) per class; ignore pixels (label 255) belong to no class
 (both x and the one-hot target are zeroed there). Class means, boundaries (width, tolerance, "avgpool" /
-"minpool" band, background dropping) and the NaN rule follow components.segmentation_metrics, so at one-hot
+"minpool" band, background dropping) and the NaN rule follow components.tasks.segmentation.metrics, so at one-hot
 x every surrogate equals its exact metric on the batch: the classes averaged are those the exact metric
 averages for the argmax prediction (a mean over no class at all is 1). The soft prediction boundary is
 clamp(XOR(x, erode(x)), 0) with erode = (2w+1)² min-pool (padding never counted); at binary maps this
@@ -36,10 +36,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from components import bezier
+from components.surrogates import bezier
 from components.atomic_io import read_json, write_json_atomic
 from components.errors import LossforgeError
-from components.segmentation_metrics import BOUNDARY_DEFINITIONS, canonical_metric_name
+from components.tasks.segmentation.metrics import BOUNDARY_DEFINITIONS, canonical_metric_name
 
 FORMAT = "lossforge.surrogate/1"
 EPS = 1e-8
@@ -61,7 +61,7 @@ class SurrogateSpec:
     """A (possibly combined) surrogate: metric weights, curve family, θ per curve and boundary options.
 
     `theta` maps ``"<metric>.<op>"`` to θ ∈ [0,1]^k; curves left out get the identity θ (naive relaxation).
-    Boundary options have the meaning of components.segmentation_metrics (drop_background None = follow
+    Boundary options have the meaning of components.tasks.segmentation.metrics (drop_background None = follow
     the definition: True for "avgpool", False for "minpool").
     """
 
