@@ -38,7 +38,7 @@ from components.search.equivalence import EquivalenceCache  # noqa: E402
 from components.search.generation import TreeGenerator  # noqa: E402
 from components.search.parallel_screening import screen_many  # noqa: E402
 from components.search.screening import ScreeningConfig, screen_naive  # noqa: E402
-from components.tasks.segmentation.task import build_screening_problem  # noqa: E402
+from components.tasks.segmentation.probe import build_screening_problem  # noqa: E402
 
 
 def candidate_stream(count: int, seed: int, initial: int = 20, operator_set: str = "autoloss_zero"):

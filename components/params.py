@@ -2,7 +2,9 @@
 
 `params.yaml` holds the papers' values at the top level and named profiles (e.g. `demo`, a tiny CPU
 run) under `profiles:`; a profile is a partial copy of the top-level sections that is deep-merged over
-them. `load_params(path, profile=None)` returns a validated `Params`; every error is one line that names
+them. `tasks:` holds one block per task (e.g. `tasks.detection`), applied after the profile when
+`search.task` names it (or when `--task` switches to it): deep-merged as well, except `proxy` and
+`retrain`, which it replaces (each task checks them against its own config classes). `load_params(path, profile=None)` returns a validated `Params`; every error is one line that names
 the file, the field and the bad value, e.g. `params.yaml: search.budget: must be > 0 (got -3)`.
 
 Sections that configure a component (`evolution`, `screening`, `proxy`, `retrain`, `ppo`) are
@@ -21,21 +23,20 @@ from pathlib import Path
 from typing import Any, Literal, Mapping
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, ValidationInfo, field_validator,
+                      model_validator)
 
 from components.errors import LossforgeError
 
-METRICS = ("gAcc", "mAcc", "mIoU", "FWIoU", "BIoU", "BF1")
-TASKS = ("segmentation",)
-METHODS = ("evolution", "ppo")
 RUNNERS = ("threads", "processes", "ray", "dask")
 
-# section -> (module, dataclass, keys this section may carry besides the dataclass fields)
+# section -> (module, dataclass, keys this section may carry besides the dataclass fields); module "task":
+# the dataclass is the search task's own (`Task.proxy_config_class` / `Task.retrain_config_class`).
 COMPONENT_SECTIONS: dict[str, tuple[str, str, frozenset[str]]] = {
     "evolution": ("components.search.evolution", "EvolutionConfig", frozenset()),
     "screening": ("components.search.screening", "ScreeningConfig", frozenset({"size"})),
-    "proxy": ("components.tasks.segmentation.trainer", "ProxyConfig", frozenset({"seeds"})),
-    "retrain": ("components.tasks.retrain", "RetrainConfig", frozenset({"baselines", "seeds", "top_k"})),
+    "proxy": ("task", "proxy_config_class", frozenset({"seeds"})),
+    "retrain": ("task", "retrain_config_class", frozenset({"baselines", "seeds", "top_k"})),
     "ppo": ("components.surrogates.ppo", "PPOConfig", frozenset({"metrics", "pieces", "family"})),
 }
 
@@ -79,9 +80,9 @@ class SplitParams(_Section):
 class SearchParams(_Section):
     """What to search for and how the search is run."""
 
-    task: Literal["segmentation"] = "segmentation"
-    metric: str = "mIoU"
-    method: Literal["evolution", "ppo"] = "evolution"
+    task: str = "segmentation"  # a registered task (components.tasks.base.get_task)
+    metric: str = "mIoU"  # one of the task's metrics
+    method: str = "evolution"  # a registered search method (components.search.method.get_method_class)
     budget: int = Field(500, gt=0)
     workers: int = Field(1, gt=0)
     losses_per_training: int = Field(1, gt=0)
@@ -92,11 +93,35 @@ class SearchParams(_Section):
     task_retries: int = Field(1, ge=0)
     confirm_top: int = Field(0, ge=0)  # re-evaluate the k best on the other proxy.seeds before choosing the best
 
+    @field_validator("task")
+    @classmethod
+    def _known_task(cls, value: str) -> str:
+        from components.tasks.base import task_names
+
+        if value not in task_names():
+            raise ValueError(f"unknown task, expected one of {', '.join(task_names())}")
+        return value
+
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, value: str) -> str:
+        from components.search.method import method_names
+
+        if value not in method_names():
+            raise ValueError(f"unknown search method, expected one of {', '.join(method_names())}")
+        return value
+
     @field_validator("metric")
     @classmethod
-    def _known_metric(cls, value: str) -> str:
-        if value not in METRICS:
-            raise ValueError(f"unknown metric, expected one of {', '.join(METRICS)}")
+    def _known_metric(cls, value: str, info: ValidationInfo) -> str:
+        from components.tasks.base import get_task
+
+        task_name = info.data.get("task")
+        if task_name is None:  # the task itself is invalid (reported on its own)
+            return value
+        metrics = get_task(task_name).metrics
+        if value not in metrics:
+            raise ValueError(f"unknown metric, expected one of {', '.join(metrics)} ({task_name})")
         return value
 
 
@@ -132,7 +157,18 @@ class Params(BaseModel):
     report: ReportParams = ReportParams()
     tracking: TrackingParams = TrackingParams()
     profiles: dict[str, dict[str, Any]] = {}
+    tasks: dict[str, dict[str, Any]] = {}  # per-task blocks, applied when search.task names them (see _apply_task)
+    plugins: list[str] = []  # modules imported before validation: they register tasks / search methods
     source: str = Field("params.yaml", exclude=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _plugins_first(cls, data: Any) -> Any:
+        """Import the plugins before `search.task` / `search.method` are checked (also when a worker process
+        rebuilds Params from its JSON form)."""
+        if isinstance(data, Mapping):
+            import_plugins(data.get("plugins"), str(data.get("source", "params.yaml")))
+        return data
 
     # ---------------------------------------------------------------- derived values
     def search_fingerprint(self) -> str:
@@ -163,7 +199,12 @@ class Params(BaseModel):
     def config(self, section: str, **overrides: Any) -> Any:
         """Build the component config dataclass for `section` (e.g. "proxy" -> ProxyConfig)."""
         module, cls_name, extra = COMPONENT_SECTIONS[section]
-        cls = getattr(importlib.import_module(module), cls_name)
+        if module == "task":
+            from components.tasks.base import get_task
+
+            cls = getattr(get_task(self.search.task), cls_name)
+        else:
+            cls = getattr(importlib.import_module(module), cls_name)
         values = {k: v for k, v in getattr(self, section).items() if k not in extra}
         values.update(overrides)
         return _build_dataclass(cls, values, f"{self.source}: {section}")
@@ -174,7 +215,14 @@ class Params(BaseModel):
 
     def with_overrides(self, overrides: Mapping[str, Any]) -> "Params":
         """Return a copy with dotted-key overrides applied (e.g. {"search.budget": 4}), re-validated."""
-        raw = self.model_dump(exclude={"profiles"})
+        raw = self.model_dump(exclude={"profiles", "tasks"})
+        new_task = overrides.get("search.task")
+        if new_task is not None and new_task != self.search.task:
+            # the proxy/retrain sections were written for the old task: start from the new task's defaults
+            raw["proxy"], raw["retrain"] = {}, {}
+            raw = _apply_task(raw, self.tasks, new_task, self.source)
+            if overrides.get("search.metric") is None and "metric" not in (self.tasks.get(new_task) or {}).get("search", {}):
+                raw["search"]["metric"] = _default_metric(new_task, raw["search"]["metric"])
         for dotted, value in overrides.items():
             if value is None:
                 continue
@@ -183,7 +231,7 @@ class Params(BaseModel):
             for key in parents:
                 node = node.setdefault(key, {})
             node[leaf] = value
-        return _validate(raw, self.source, self.profiles)
+        return _validate(raw, self.source, self.profiles, self.tasks)
 
 
 def _build_dataclass(cls: type, values: Mapping[str, Any], where: str) -> Any:
@@ -240,19 +288,62 @@ def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _validate(raw: Mapping[str, Any], source: str, profiles: Mapping[str, Any]) -> Params:
+def _default_metric(task_name: str, current: str) -> str:
+    """`current` if the task has it, else the task's default metric (unknown tasks are reported later)."""
+    from components.tasks.base import get_task
+
     try:
-        params = Params.model_validate({**raw, "profiles": dict(profiles), "source": source})
+        task = get_task(task_name)
+    except LossforgeError:
+        return current
+    return current if current in task.metrics else task.default_metric
+
+
+def _apply_task(base: dict[str, Any], tasks: Mapping[str, Any], task_name: str, source: str) -> dict[str, Any]:
+    """Apply the `tasks.<task_name>` block: a partial copy of the sections, deep-merged like a profile, except
+    `proxy` and `retrain`, which it replaces (they are checked against the task's own config classes, so the
+    keys of another task's sections make no sense there)."""
+    block = tasks.get(task_name) or {}
+    if not isinstance(block, Mapping):
+        raise ParamsError(f"{source}: tasks.{task_name}: expected a mapping (got {block!r})")
+    out = dict(base)
+    for key, value in block.items():
+        if key in ("proxy", "retrain"):
+            out[key] = copy.deepcopy(value)
+        else:
+            out = _merge(out, {key: value})
+    return out
+
+
+def _validate(raw: Mapping[str, Any], source: str, profiles: Mapping[str, Any],
+              tasks: Mapping[str, Any] | None = None) -> Params:
+    try:
+        params = Params.model_validate({**raw, "profiles": dict(profiles), "tasks": dict(tasks or {}), "source": source})
     except ValidationError as exc:
         raise ParamsError(_first_error(exc, source)) from None
     for section in COMPONENT_SECTIONS:  # check component sections now if the component exists
         module = COMPONENT_SECTIONS[section][0]
-        try:
-            importlib.import_module(module)
-        except ImportError:
-            continue
+        if module != "task":
+            try:
+                importlib.import_module(module)
+            except ImportError:
+                continue
         params.config(section)
     return params
+
+
+def import_plugins(modules: Any, source: str = "params.yaml") -> None:
+    """Import the `plugins:` modules (importable names, e.g. `my_project.lossforge_plugin`); importing one runs
+    its `@register_task` / `@register_method` decorators, so `search.task` / `search.method` can name them."""
+    if modules is None:
+        return
+    if not isinstance(modules, list) or not all(isinstance(m, str) and m for m in modules):
+        raise ParamsError(f"{source}: plugins: expected a list of module names (got {modules!r})")
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except Exception as exc:  # noqa: BLE001 - any failure of a user module is reported in one line
+            raise ParamsError(f"{source}: plugins: cannot import {name!r} ({type(exc).__name__}: {exc})") from None
 
 
 def parse_params(raw: Any, source: str = "params.yaml", profile: str | None = None) -> Params:
@@ -261,6 +352,7 @@ def parse_params(raw: Any, source: str = "params.yaml", profile: str | None = No
         raw = {}
     if not isinstance(raw, Mapping):
         raise ParamsError(f"{source}: expected a mapping of sections at the top level (got {type(raw).__name__})")
+    import_plugins(raw.get("plugins"), source)
     profiles = raw.get("profiles") or {}
     if not isinstance(profiles, Mapping):
         raise ParamsError(f"{source}: profiles: expected a mapping of profile names (got {profiles!r})")
@@ -273,9 +365,25 @@ def parse_params(raw: Any, source: str = "params.yaml", profile: str | None = No
         override = profiles[name] or {}
         if not isinstance(override, Mapping):
             raise ParamsError(f"{source}: profiles.{name}: expected a mapping (got {override!r})")
-        base = _merge(base, override)
+        tasks_over = override.get("tasks") or {}
+        base = _merge(base, {k: v for k, v in override.items() if k != "tasks"})
+        if tasks_over:  # a profile's task block replaces that task's proxy/retrain too (like `_apply_task`)
+            if not isinstance(tasks_over, Mapping):
+                raise ParamsError(f"{source}: profiles.{name}.tasks: expected a mapping (got {tasks_over!r})")
+            merged = dict(base.get("tasks") or {})
+            for task_name, block in tasks_over.items():
+                merged[task_name] = _apply_task(dict(merged.get(task_name) or {}), tasks_over, task_name,
+                                                f"{source}: profiles.{name}")
+            base["tasks"] = merged
     base["profile"] = name or "paper"
-    return _validate(base, source, profiles)
+    tasks = base.pop("tasks", None) or {}
+    if not isinstance(tasks, Mapping):
+        raise ParamsError(f"{source}: tasks: expected a mapping of task names (got {tasks!r})")
+    search = base.get("search") or {}
+    task_name = search.get("task", "segmentation") if isinstance(search, Mapping) else "segmentation"
+    if task_name in tasks:
+        base = _apply_task(base, tasks, task_name, source)
+    return _validate(base, source, profiles, tasks)
 
 
 def load_params(path: str | Path = "params.yaml", profile: str | None = None) -> Params:

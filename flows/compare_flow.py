@@ -35,14 +35,15 @@ EXPERIMENT = "lossforge/compare"
 
 def compare_data(params: Params, dataset: str | None, out_dir: Path) -> dict[str, str]:
     """Dataset path + split manifests for the comparison (see module docstring)."""
+    task = params.search.task
     if dataset is None:
         try:
             return data_spec(params)
         except LossforgeError:  # no split yet: make the embedded data and its split as the search would
-            path = prepare_data(params.data.model_dump())
-            return {"path": path, **split_dataset(path, params.split.model_dump())}
+            path = prepare_data(params.data.model_dump(), task)
+            return {"path": path, "task": task, **split_dataset(path, params.split.model_dump(), task)}
     split = {**params.split.model_dump(), "dir": str(out_dir / "splits")}
-    return {"path": str(dataset), **split_dataset(str(dataset), split)}
+    return {"path": str(dataset), "task": task, **split_dataset(str(dataset), split, task)}
 
 
 def _safe(name: str) -> str:

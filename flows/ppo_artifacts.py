@@ -1,7 +1,7 @@
 """MLflow logging of an Auto Seg-Loss PPO search: the policy μ per step, rewards per sampled θ, and PNG plots
 of the searched g curves and of the μ trajectory (matplotlib's object API: no display, thread-safe).
 
-Called through `PPOMethod.log_tracking(tracker, final)` by the search loop; logging is idempotent across
+Called through `flows.methods.log_method_tracking(method, tracker, final)` by the search loop; logging is idempotent across
 resumes (the parent run's tag `lossforge.ppo_logged_steps` says which steps are logged).
 """
 

@@ -34,8 +34,8 @@ from prefect import get_run_logger
 from components.atomic_io import read_json, write_json_atomic
 from components.errors import LossforgeError
 from components.params import Params
-from components.tasks.segmentation.metrics import METRIC_NAMES
 from components.stats import mean_std
+from components.tasks.base import get_task
 from flows.run_config import baseline_specs, proxy_seeds
 from flows.tasks import proxy_training, read_result
 
@@ -54,8 +54,7 @@ def slug(name: str) -> str:
 
 def jobs(params: Params) -> list[dict[str, Any]]:
     """One job per (baseline, seed): {"id", "hash", "loss", "name", "seed"} (CE first, seeds in order)."""
-    from components.tasks.loss_registry import loss_name
-
+    loss_name = get_task(params.search.task).loss_name
     cfg = params.config("proxy")
     metric = params.search.metric
     out = []
@@ -158,7 +157,7 @@ def summarize(params: Params, runs: list[dict[str, Any]]) -> dict[str, Any]:
         entry["seeds_ok"] = [r["seed"] for r in ok]
         entry["target_mean"], entry["target_std"] = mean_std(r["target"] for r in ok)
         entry["metrics_mean"], entry["metrics_std"] = {}, {}
-        for m in METRIC_NAMES:
+        for m in get_task(params.search.task).metrics:
             mean, std = mean_std((r.get("metrics") or {}).get(m) for r in ok)
             if mean is not None:
                 entry["metrics_mean"][m], entry["metrics_std"][m] = mean, std

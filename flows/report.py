@@ -76,10 +76,11 @@ def plot_progress(rows: list[dict[str, Any]], metric: str, path: Path,
     return path
 
 
-def ce_margin(summary: dict[str, Any], metric: str) -> tuple[dict[str, Any], str]:
-    """Whether the best searched loss beats CE on the proxy: (figures for metrics.json, one report line)."""
+def ce_margin(summary: dict[str, Any], metric: str, reference: str = "ce") -> tuple[dict[str, Any], str]:
+    """Whether the best searched loss beats CE (the task's reference baseline, e.g. detection's CE + smooth L1)
+    on the proxy: (figures for metrics.json, one report line)."""
     best = (summary.get("best") or {}).get("target")
-    ce = ((summary.get("baselines") or {}).get("losses") or {}).get("ce") or {}
+    ce = ((summary.get("baselines") or {}).get("losses") or {}).get(reference) or {}
     mean, std, seeds = ce.get("target_mean"), ce.get("target_std"), len(ce.get("seeds_ok") or [])
     if best is None or mean is None:
         why = "no proxy score for CE" if mean is None else "no proxy score for the searched loss"
@@ -188,7 +189,9 @@ def write_report(params: Params, pipeline_wall_s: float | None = None) -> dict[s
     retrain = _retrain_metrics(comparison, metric) if comparison is not None else {}
     best = summary["best"]
     timing = summary.get("timing", {})
-    margin, margin_line = ce_margin(summary, metric)
+    from components.tasks.base import get_task
+
+    margin, margin_line = ce_margin(summary, metric, get_task(params.search.task).reference_baseline)
     validity = proxy_validity(summary, comparison, metric) if comparison is not None else None
     metrics = {
         "best_proxy_target": best.get("target"),

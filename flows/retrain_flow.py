@@ -17,6 +17,7 @@ from prefect.cache_policies import NO_CACHE
 from components.atomic_io import read_json
 from components.errors import LossforgeError
 from components.params import Params
+from components.tasks.base import get_task
 from flows import progress
 
 
@@ -24,15 +25,16 @@ from flows import progress
 def retrain_task(loss_specs: dict[str, Any], data: dict[str, str], cfg: Any, metric: str, md_path: str,
                  json_path: str, seeds: list[int] | None = None) -> dict[str, Any]:
     """Train one model per loss (same data, same initial weights) and write the comparison table."""
-    from components.tasks.loss_registry import build_loss
-    from components.tasks.retrain import retrain_and_compare, write_table
+    from components.tasks.base import get_task
+    from components.tasks.retrain import write_table
     from flows.tasks import open_split
 
-    train_ds = open_split(data["path"], [data["train"], data["eval"]])
-    test_ds = open_split(data["path"], data["test"])
-    losses = {name: build_loss(spec, num_classes=train_ds.num_classes) for name, spec in loss_specs.items()}
-    table = retrain_and_compare(losses, train_ds, test_ds, cfg, metric, seeds=seeds,
-                                on_progress=lambda it, total, *_: progress.emit("retrain", done=it, total=total))
+    task_ = get_task(data.get("task", "segmentation"))
+    train_ds = open_split(data["path"], [data["train"], data["eval"]], task_.name)
+    test_ds = open_split(data["path"], data["test"], task_.name)
+    losses = {name: task_.build_loss(spec, train_ds) for name, spec in loss_specs.items()}
+    table = task_.retrain(losses, train_ds, test_ds, cfg, metric, seeds=seeds,
+                          on_progress=lambda it, total, *_: progress.emit("retrain", done=it, total=total))
     write_table(table, Path(md_path), Path(json_path))
     return read_json(json_path)
 
@@ -71,8 +73,10 @@ def retrain_specs(params: Params, summary: dict[str, Any]) -> dict[str, Any]:
         path = losses_dir(params) / "top" / f"rank{rank}.json"
         if path.exists():
             specs[f"rank{rank}"] = {**best, "path": str(path)}
-    for name in params.section_extra("retrain", "baselines", ["ce"]):
-        specs[str(name)] = name
+    from flows.run_config import baseline_specs
+
+    for spec in baseline_specs(params):
+        specs[get_task(params.search.task).loss_name(spec)] = spec
     return specs
 
 

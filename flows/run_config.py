@@ -24,6 +24,7 @@ def resolve_params(
     runner: str | None = None,
     dataset: str | None = None,
     tracking_uri: str | None = None,
+    task: str | None = None,
 ) -> Params:
     """Load params.yaml with its profile, then apply the explicit overrides (validated again).
 
@@ -32,6 +33,7 @@ def resolve_params(
     params = load_params(params_file, profile=profile)
     tracking_uri = tracking_uri or os.environ.get("LOSSFORGE_TRACKING_URI") or None
     overrides: dict[str, Any] = {
+        "search.task": task,
         "search.metric": metric,
         "search.method": method,
         "search.budget": budget,
@@ -63,7 +65,7 @@ def reports_dir(params: Params) -> Path:
 def data_spec(params: Params) -> dict[str, str]:
     """The dataset path and split manifests written by the prepare/split stages (checked to exist)."""
     folder = Path(params.split.dir)
-    spec = {"path": params.data.path}
+    spec = {"path": params.data.path, "task": params.search.task}
     for name in ("train", "eval", "test"):
         path = folder / f"{name}.txt"
         if not path.exists():
@@ -88,18 +90,21 @@ def proxy_seeds(params: Params) -> list[int]:
 
 
 def baseline_specs(params: Params) -> list[Any]:
-    """CE plus `retrain.baselines` (build_loss specs, CE first, no duplicates); unknown loss types are errors."""
-    from components.tasks.loss_registry import LOSSES, loss_name
+    """The task's reference loss (segmentation: CE) plus `retrain.baselines` (build_loss specs, reference first,
+    no duplicates); unknown loss types are errors."""
+    from components.tasks.base import get_task
 
-    raw = params.section_extra("retrain", "baselines", ["ce"])
+    task = get_task(params.search.task)
+    loss_name, known = task.loss_name, task.known_baselines()
+    raw = params.section_extra("retrain", "baselines", [task.reference_baseline])
     if not isinstance(raw, list):
         raise LossforgeError(f"{params.source}: retrain.baselines: expected a list of loss names (got {raw!r})")
-    specs: list[Any] = ["ce"]
+    specs: list[Any] = [task.reference_baseline]
     for spec in raw:
         kind = spec if isinstance(spec, str) else spec.get("type") if isinstance(spec, dict) else None
-        if not isinstance(kind, str) or kind not in LOSSES:
+        if not isinstance(kind, str) or kind not in known:
             raise LossforgeError(f"{params.source}: retrain.baselines: unknown loss {spec!r} "
-                                 f"(known: {', '.join(LOSSES.names())})")
+                                 f"(known: {', '.join(known)})")
         if loss_name(spec) not in {loss_name(s) for s in specs}:
             specs.append(spec)
     return specs

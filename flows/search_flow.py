@@ -26,7 +26,8 @@ from components.atomic_io import write_json_atomic
 from components.errors import LossforgeError
 from components.params import Params
 from flows import progress
-from flows.methods import SearchMethod, make_method
+from components.search.method import SearchMethod, make_method
+from flows.methods import log_method_tracking
 from flows.run_config import data_spec, losses_dir, make_tracker, reports_dir, resolve_params, state_dir  # noqa: F401
 from flows.task_runners import make_task_runner
 from flows.tasks import open_split, prepare_data, proxy_training, read_result, split_dataset
@@ -35,8 +36,6 @@ from flows.timing import Timeline
 if TYPE_CHECKING:
     from flows.tracking import SearchTracker
 
-Metric = Literal["gAcc", "mAcc", "mIoU", "FWIoU", "BIoU", "BF1"]
-Method = Literal["evolution", "ppo"]
 Runner = Literal["threads", "processes", "ray", "dask"]
 
 
@@ -45,26 +44,22 @@ Runner = Literal["threads", "processes", "ray", "dask"]
 @task(name="generate-and-screen", cache_policy=NO_CACHE)
 def generate_and_screen(method: SearchMethod, n: int) -> list[dict[str, Any]]:
     """Generate/mutate, screen (loss rejection + equivalence) and hand out up to n candidates."""
-    return method.next_candidates(n)
+    return method.ask(n)
 
 
 @task(name="population-update", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=0.2)
 def population_update(method: SearchMethod, results: list[dict[str, Any]], checkpoint: str) -> list[dict[str, Any]]:
-    """Report finished proxy results to the method and checkpoint the search state (atomic JSON)."""
-    from components.tasks.segmentation.trainer import ProxyResult
+    """Tell finished proxy results (stored JSON records) to the method and checkpoint the search state (atomic
+    JSON). Idempotent, so Prefect's retries are safe: a result the method already holds is not told again."""
+    from components.tasks.base import ProxyResult
 
+    told = {str(r["id"]): r for r in method.history}
     records = []
     for res in results:
-        result = ProxyResult(
-            name=str(res["id"]),
-            status=res["status"],
-            metrics=dict(res.get("metrics") or {}),
-            target=res.get("target"),
-            iterations=int(res.get("iterations") or 0),
-            seconds=float(res.get("seconds") or 0.0),
-            message=str(res.get("message") or ""),
-        )
-        records.append(method.report(res["id"], result))
+        record = told.get(str(res["id"]))
+        if record is None:
+            record = method.tell(res["id"], ProxyResult.from_dict(res))
+        records.append(record)
     method.save(checkpoint)
     return records
 
@@ -73,7 +68,7 @@ def population_update(method: SearchMethod, results: list[dict[str, Any]], check
 @flow(name="lossforge-prepare", log_prints=True)
 def prepare_flow(params: Params) -> str:
     """Generate the embedded dataset (or check the user's dataset is there); returns its path."""
-    return prepare_data(params.data.model_dump())
+    return prepare_data(params.data.model_dump(), params.search.task)
 
 
 @flow(name="lossforge-split", log_prints=True)
@@ -81,8 +76,8 @@ def split_flow(params: Params) -> dict[str, str]:
     """Write the split manifests (train = S_train, eval = S_eval, test) of the prepared dataset."""
     if not Path(params.data.path).exists():
         raise LossforgeError(f"data.path: dataset not found: {params.data.path} (run the prepare stage first)")
-    manifests = split_dataset(params.data.path, params.split.model_dump())
-    return {"path": params.data.path, **manifests}
+    manifests = split_dataset(params.data.path, params.split.model_dump(), params.search.task)
+    return {"path": params.data.path, "task": params.search.task, **manifests}
 
 
 # ------------------------------------------------------------------------------------------ search loop
@@ -121,9 +116,9 @@ def _failed(cands: list[dict[str, Any]], exc: BaseException) -> list[dict[str, A
 @flow(name="lossforge-search-loop", log_prints=True)
 def search_loop_flow(params: Params, data: dict[str, str]) -> dict[str, Any]:
     """Run (or resume) the search until the proxy budget is used; returns the search summary."""
-    from components.tasks.segmentation.trainer import ProxyConfig  # noqa: F401  (fail early if training is missing)
-    from components.tasks.segmentation.task import build_screening_problem
+    from components.tasks.base import get_task
 
+    task = get_task(params.search.task)
     logger = get_run_logger()
     timeline = Timeline()
     state = state_dir(params)
@@ -132,20 +127,17 @@ def search_loop_flow(params: Params, data: dict[str, str]) -> dict[str, Any]:
     write_json_atomic(state / "params.json", params.model_dump(mode="json"))
 
     with timeline.measure("screening"):  # the probe problem: B samples + a random network's predictions
-        train_ds = open_split(data["path"], data["train"])
+        train_ds = open_split(data["path"], data["train"], task.name)
         screen_cfg = params.config("screening")
-        problem = build_screening_problem(
-            train_ds, params.search.metric, train_ds.num_classes, samples=screen_cfg.samples,
-            size=params.section_extra("screening", "size", 64), seed=params.search.seed,
-        )
+        problem = task.screening_problem(train_ds, params.search.metric, samples=screen_cfg.samples,
+                                         size=params.section_extra("screening", "size", 64), seed=params.search.seed)
         method = make_method(params, problem, state)
-    engine = getattr(method, "engine", None)
-    if engine is not None:  # "N candidates rejected in a row, best g ..." reaches the log and the console
-        def warn(message: str) -> None:
-            logger.warning(message)
-            progress.emit("warning", message=message)
 
-        engine.on_warning = warn
+    def warn(message: str) -> None:  # "N candidates rejected in a row, best g ..." reaches the log and the console
+        logger.warning(message)
+        progress.emit("warning", message=message)
+
+    method.on_warning = warn
     resumed = checkpoint.exists()
     logger.info("search %s: %s (%d results so far)", params.search_id, "resumed" if resumed else "new",
                 len(method.history))
@@ -154,13 +146,22 @@ def search_loop_flow(params: Params, data: dict[str, str]) -> dict[str, Any]:
     loss_files = state / "losses"
     if tracker is not None:
         tracker.start()
-        tracker.sync(_tracker_record(method, r, loss_files) for r in method.history)
+    synced = 0  # history records logged so far: each update logs only the new ones (history is append-only)
+
+    def sync_new() -> None:
+        nonlocal synced
+        history = method.history
+        tracker.sync(_tracker_record(method, r, loss_files) for r in history[synced:])
+        synced = len(history)
+
+    if tracker is not None:
+        sync_new()
 
     # --- proxy baselines (CE + retrain.baselines on this proxy, stored under the state dir; flows/proxy_baselines.py)
     from flows.proxy_baselines import run_proxy_baselines
     with timeline.measure("training"):
         baselines = run_proxy_baselines(params, data, state, tracker)
-    ce_proxy = ((baselines or {}).get("losses", {}).get("ce") or {}).get("target_mean")
+    ce_proxy = ((baselines or {}).get("losses", {}).get(task.reference_baseline) or {}).get("target_mean")
     # --- end proxy baselines
 
     proxy_cfg = params.config("proxy")
@@ -187,11 +188,11 @@ def search_loop_flow(params: Params, data: dict[str, str]) -> dict[str, Any]:
             records = population_update(method, results, str(checkpoint))
         if tracker is not None:
             with timeline.measure("tracking"):
-                tracker.sync(_tracker_record(method, r, loss_files) for r in method.history)
-                top = method.progress()[-1]["top5_mean"] if method.progress() else None
+                sync_new()
+                curve = method.progress()
+                top = curve[-1]["top5_mean"] if curve else None
                 tracker.log_search_state(method.counters, len(method.history), top)
-                if hasattr(method, "log_tracking"):  # method-specific metrics/artifacts (e.g. PPO's policy μ)
-                    method.log_tracking(tracker, final=False)
+                log_method_tracking(method, tracker, final=False)  # method-specific (e.g. PPO's policy μ)
         for rec in records:
             logger.info("candidate %s: %s target=%s", rec["id"], rec["status"], rec.get("target"))
         emit_progress()
@@ -239,8 +240,7 @@ def search_loop_flow(params: Params, data: dict[str, str]) -> dict[str, Any]:
             artifact_path="search",
         )
         tracker.log_search_state(method.counters, len(method.history), summary.get("top5_mean"))
-        if hasattr(method, "log_tracking"):
-            method.log_tracking(tracker, final=True)
+        log_method_tracking(method, tracker, final=True)
         tracker.finish()
     return summary
 
@@ -336,8 +336,9 @@ def write_search_outputs(params: Params, method: SearchMethod, timeline: Timelin
 # ------------------------------------------------------------------------------------------ pipeline
 @flow(name="lossforge-search", log_prints=True)
 def search_pipeline(
-    metric: Optional[Metric] = None,
-    method: Optional[Method] = None,
+    task: Optional[str] = None,
+    metric: Optional[str] = None,
+    method: Optional[str] = None,
     budget: Optional[int] = None,
     workers: Optional[int] = None,
     runner: Optional[Runner] = None,
@@ -349,10 +350,12 @@ def search_pipeline(
 ) -> dict[str, Any]:
     """Search a loss for `metric` end to end: prepare → split → search → re-train → report.
 
-    Parameters left empty come from params.yaml (and its profile). `dataset`: a VOC/COCO/folder
-    dataset path to use instead of the embedded shapes data.
+    Parameters left empty come from params.yaml (and its profile). `task`: a registered task
+    (segmentation, detection). `dataset`: a VOC/COCO/folder dataset path to use instead of the embedded
+    shapes data.
     """
-    params = resolve_params(params_file, profile, metric, method, budget, workers, runner, dataset, tracking_uri)
+    params = resolve_params(params_file, profile, metric, method, budget, workers, runner, dataset, tracking_uri,
+                            task=task)
     return run_stages(params, STAGES if retrain else tuple(s for s in STAGES if s != "retrain"))
 
 

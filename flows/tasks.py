@@ -24,13 +24,13 @@ RESULT_FORMAT = "lossforge.proxy-result/1"
 
 # ---------------------------------------------------------------------------------------------- data
 @task(name="prepare-data", retries=1, retry_delay_seconds=1, cache_policy=NO_CACHE)
-def prepare_data(data: Mapping[str, Any]) -> str:
-    """Generate the embedded shapes dataset (if `data.generate`) or check the user's dataset exists."""
-    from components.tasks.segmentation.shapes import ensure_shapes
+def prepare_data(data: Mapping[str, Any], task_name: str = "segmentation") -> str:
+    """Generate the task's embedded dataset (if `data.generate`) or check the user's dataset exists."""
+    from components.tasks.base import get_task
 
     path = Path(data["path"])
     if data["generate"]:
-        ensure_shapes(path, **{k: data[k] for k in ("num_train", "num_test", "image_size", "seed")})
+        get_task(task_name).ensure_embedded_data(path, **{k: data[k] for k in ("num_train", "num_test", "image_size", "seed")})
         return str(path)
     if not path.exists():
         raise LossforgeError(f"data.path: dataset not found: {path}")
@@ -38,21 +38,22 @@ def prepare_data(data: Mapping[str, Any]) -> str:
 
 
 @task(name="split-dataset", retries=1, retry_delay_seconds=1, cache_policy=NO_CACHE)
-def split_dataset(data_path: str, split: Mapping[str, Any]) -> dict[str, str]:
+def split_dataset(data_path: str, split: Mapping[str, Any], task_name: str = "segmentation") -> dict[str, str]:
     """Carve S_train / S_eval from the training images and write the manifests (+ the test manifest)."""
-    from components.tasks.segmentation.datasets import open_segmentation_dataset
+    from components.tasks.base import get_task
     from components.tasks.splits import write_search_splits
 
-    train = open_segmentation_dataset(data_path, split="train")
-    test = open_segmentation_dataset(data_path, split="val")
+    task = get_task(task_name)
+    train = task.open_dataset(data_path, split="train")
+    test = task.open_dataset(data_path, split="val")
     paths = write_search_splits(list(train.ids), list(test.ids), split["dir"], eval_count=split.get("eval_count"),
                                 eval_fraction=split.get("eval_fraction"), seed=split.get("seed", 0))
     return {name: str(path) for name, path in paths.items()}
 
 
-def open_split(data_path: str, manifests: str | list[str] | tuple[str, ...]) -> Any:
+def open_split(data_path: str, manifests: str | list[str] | tuple[str, ...], task_name: str = "segmentation") -> Any:
     """The dataset restricted to the ids of one manifest (or the union of several, in order)."""
-    from components.tasks.segmentation.datasets import open_segmentation_dataset
+    from components.tasks.base import get_task
     from components.tasks.splits import read_manifest
 
     if isinstance(manifests, str):
@@ -60,13 +61,13 @@ def open_split(data_path: str, manifests: str | list[str] | tuple[str, ...]) -> 
     ids: list[str] = []
     for manifest in manifests:
         ids.extend(read_manifest(manifest))
-    return open_segmentation_dataset(data_path, ids=ids)
+    return get_task(task_name).open_dataset(data_path, ids=ids)
 
 
 # ---------------------------------------------------------------------------------------------- training
 @functools.lru_cache(maxsize=4)
-def _datasets(data_path: str, train_manifest: str, eval_manifest: str):
-    return open_split(data_path, train_manifest), open_split(data_path, eval_manifest)
+def _datasets(data_path: str, train_manifest: str, eval_manifest: str, task_name: str):
+    return open_split(data_path, train_manifest, task_name), open_split(data_path, eval_manifest, task_name)
 
 
 def result_path(state_dir: str | Path, candidate_id: int, loss_hash: str) -> Path:
@@ -97,38 +98,32 @@ def proxy_training(
 ) -> list[dict[str, Any]]:
     """Train the candidates' losses side by side on the proxy task; one JSON-able result per candidate.
 
-    `candidates`: [{"id", "hash", "loss" (a build_loss spec)}]. A loss that cannot be built is reported
+    `candidates`: [{"id", "hash", "loss" (a build_loss spec)}]; `data`: {"path", "train", "eval", "task"}
+    (task: a registered task name, default segmentation). A loss that cannot be built is reported
     "failed" (never raises for a bad candidate); an exception of the training itself propagates, so the
     task's retries apply, and the flow records "failed" once they are used up.
     """
     import torch
 
-    from components.tasks.loss_registry import build_loss
-    from components.tasks.segmentation.trainer import train_proxy
+    from components.tasks.base import get_task
 
+    task = get_task(data.get("task", "segmentation"))
     if torch_threads:  # share the CPU cores between the parallel trainings
         torch.set_num_threads(torch_threads)
 
-    train_ds, eval_ds = _datasets(data["path"], data["train"], data["eval"])
+    train_ds, eval_ds = _datasets(data["path"], data["train"], data["eval"], task.name)
     losses, results = {}, {}
     for cand in candidates:
         try:
-            losses[str(cand["id"])] = build_loss(cand["loss"], num_classes=train_ds.num_classes)
+            losses[str(cand["id"])] = task.build_loss(cand["loss"], train_ds)
         except LossforgeError as exc:
             results[str(cand["id"])] = {"status": "failed", "metrics": {}, "target": None, "iterations": 0,
                                         "seconds": 0.0, "message": f"invalid loss: {exc}"}
     started = time.time()
     if losses:
-        out = train_proxy(losses, train_ds, eval_ds, proxy_config, metric)
+        out = task.train_proxy(losses, train_ds, eval_ds, proxy_config, metric)
         for name, res in out.items():
-            results[name] = {
-                "status": res.status,
-                "metrics": {k: float(v) for k, v in dict(res.metrics).items()},
-                "target": None if res.target is None else float(res.target),
-                "iterations": int(res.iterations),
-                "seconds": float(res.seconds),
-                "message": str(res.message or ""),
-            }
+            results[name] = res.to_dict()  # JSON-able; components.tasks.base.ProxyResult.from_dict reads it back
     finished = time.time()
     stored = []
     for cand in candidates:

@@ -23,7 +23,7 @@ from components.search.graph_json import load_graph
 from components.params import ParamsError, load_params, parse_params
 from components.search.screening import ScreeningConfig, correlation_gain, screen
 from components.tasks.segmentation.baselines import LovaszSoftmaxLoss
-from components.tasks.segmentation.task import build_screening_problem
+from components.tasks.segmentation.probe import build_screening_problem
 
 from screening_support import seg, shapes_items
 

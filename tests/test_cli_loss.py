@@ -98,9 +98,9 @@ def test_check_rejects_constant_loss_on_embedded_probe(tmp_path, shapes_root, mo
 
 
 def test_check_other_task_and_bad_metric_exit_2(tmp_path, shapes_root):
-    det = save_graph(LossGraph.single("detection", "cls_rcnn", N("neg", N("log", L("y_hat")))), tmp_path / "det.json")
-    result = runner.invoke(app, ["loss", "check", str(det), "--data", str(shapes_root)])
-    assert result.exit_code == 2 and "segmentation" in _out(result)
+    pose = save_graph(LossGraph.single("pose", "heatmap", N("neg", N("log", L("y_hat")))), tmp_path / "pose.json")
+    result = runner.invoke(app, ["loss", "check", str(pose), "--data", str(shapes_root)])
+    assert result.exit_code == 2 and "for task 'pose'" in _out(result) and "detection" in _out(result)
     ce = save_graph(CE, tmp_path / "ce.json")
     result = runner.invoke(app, ["loss", "check", str(ce), "--data", str(shapes_root), "--metric", "accuracyy",
                                  "--samples", "2", "--size", "16", "--steps", "2"])
@@ -128,3 +128,25 @@ def test_check_bad_gain_rule_exit_2(ce_file, shapes_root):
     text = _out(result).strip()
     assert result.exit_code == 2 and text.startswith("error:") and "gain" in text and "relative" in text
     assert len(text.splitlines()) == 1
+
+
+def test_check_screens_a_detection_loss_on_the_detection_probe(tmp_path, shapes_root):
+    """`loss check` follows the task named in the loss file: the Table 8 detection loss passes, -y_hat does not."""
+    import shutil
+
+    from test_flows_support import ROOT
+
+    table8 = tmp_path / "det.json"
+    shutil.copy(ROOT / "examples/losses/autolosszero_det_all_branches.json", table8)
+    result = runner.invoke(app, ["loss", "check", str(table8), "--data", str(shapes_root), "--samples", "2",
+                                 "--steps", "100"])
+    assert result.exit_code == 0, _out(result)
+    assert "accepted" in _out(result) and "metric mAP" in _out(result)
+    from components.search.graph import Branch, branch_inputs, parse_prefix
+
+    trees = {"cls_rpn": "neg(y_hat)", "reg_rpn": "neg(i)", "cls_rcnn": "neg(y_hat)", "reg_rcnn": "neg(i)"}
+    bad = save_graph(LossGraph("detection", {b: Branch(parse_prefix(t, inputs=branch_inputs("detection", b)))
+                                             for b, t in trees.items()}), tmp_path / "bad.json")
+    result = runner.invoke(app, ["loss", "check", str(bad), "--data", str(shapes_root), "--samples", "2",
+                                 "--steps", "100"])
+    assert result.exit_code == 0 and "rejected" in _out(result), _out(result)

@@ -37,7 +37,7 @@ def _inputs(folder):
     (["bad_op.json"], "error: bad_op.json: branches.seg.tree: unknown operator 'system'"),
     (["broken.json"], "error: broken.json"),
     (["table.json"], "error: table.json: not a loss file (format 'lossforge.comparison/1'"),
-    (["det.json"], "error: loss graph has no 'seg' branch"),
+    (["det.json"], "error: det.json: a detection loss, but the task is segmentation (use --task detection)"),
     (["ce", "--seeds", "0"], "error: --seeds: must be > 0 (got 0)"),
     (["ce", "--iterations", "0"], "error: --iterations: must be > 0 (got 0)"),
     (["ce", "--metric", "mIoUU"], "error: --metric: unknown value 'mIoUU'"),

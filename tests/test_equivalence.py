@@ -17,7 +17,7 @@ from components.search.equivalence import (
 from components.errors import LossforgeError
 from components.search.graph import Node
 from components.search.screening import ScreeningConfig, ScreeningResult, round_significant, screen
-from components.tasks.segmentation.task import build_screening_problem
+from components.tasks.segmentation.probe import build_screening_problem
 from components.tasks.segmentation.shapes import SHAPES_CLASSES
 
 from screening_support import seg, shapes_items

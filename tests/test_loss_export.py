@@ -125,7 +125,7 @@ def test_segmentation_from_logits(tmp_path):
 
 @pytest.mark.parametrize("definition,width", [("avgpool", 1), ("minpool", 2)])
 def test_boundary_target_export_equals_graph_seg_loss(tmp_path, definition, width):
-    from components.tasks.segmentation.task import GraphSegLoss
+    from components.tasks.segmentation.probe import GraphSegLoss
 
     graph = load_graph([p for p in EXAMPLES if p.stem == "autolosszero_seg_bf1"][0])
     path = write_module(graph, tmp_path / f"bf1_{definition}.py", target="boundary", boundary=definition,

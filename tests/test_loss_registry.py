@@ -151,7 +151,7 @@ def test_loss_name_for_display():
 
 
 def test_graph_spec_with_boundary_target(tmp_path):
-    from components.tasks.segmentation.task import GraphSegLoss
+    from components.tasks.segmentation.probe import GraphSegLoss
 
     logits, _ = _batch(5, h=9, w=9)
     target = torch.zeros(2, 9, 9, dtype=torch.long)  # blocks, so that most pixels are not edges

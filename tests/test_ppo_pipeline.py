@@ -1,6 +1,6 @@
 """Auto Seg-Loss PPO as `method: ppo` of the search flow.
 
-Fast tests drive flows.ppo_method.PPOMethod directly through the SearchMethod protocol (real PPOSearch,
+Fast tests drive components.surrogates.ppo_method.PPOMethod directly through the SearchMethod protocol (real PPOSearch,
 ProxyResults with chosen rewards). The slow tests run the real `lossforge search` CLI (Prefect flow, proxy
 trainings on the embedded shapes data, MLflow SQLite store in tmp): one search is SIGKILLed mid-way and
 resumed, then checked for one nested run per θ with its reward, μ per step, plots, and loadable loss
@@ -22,8 +22,8 @@ from components.tasks.loss_registry import build_loss
 from components.surrogates.metric_surrogates import SurrogateLoss, load_surrogate
 from components.params import parse_params
 from components.tasks.segmentation.trainer import ProxyResult
-from flows.methods import METHODS, make_method
-from flows.ppo_method import PPOMethod, build_config, build_template, surrogate_metrics
+from components.search.method import make_method, method_names
+from components.surrogates.ppo_method import PPOMethod, build_config, build_template, surrogate_metrics
 
 
 def _params(**ppo):
@@ -48,7 +48,7 @@ def _same_loss(a, b, classes: int = 3) -> None:
 # ------------------------------------------------------------------------------------------ configuration
 def test_make_method_registers_and_builds_ppo(tmp_path):
     method = make_method(_params(samples=3, steps=4), None, tmp_path)
-    assert isinstance(method, PPOMethod) and "ppo" in METHODS
+    assert isinstance(method, PPOMethod) and "ppo" in method_names()
     assert method.loss_type == "surrogate"
     assert method.search.template.metrics == {"mIoU": 1.0}
     assert method.search.mu == pytest.approx(method.search.template.identity().flat_theta(), abs=1e-9)
@@ -88,13 +88,13 @@ def _run_steps(method: PPOMethod, rewards: dict[str, float], checkpoint: Path, n
     """Drive the method as the search loop does (n candidates per call, `rewards` by id, default 0.1)."""
     order = []
     while not method.done:
-        cands = method.next_candidates(n)
+        cands = method.ask(n)
         assert cands, "nothing in flight, not done, but no candidate"
         for c in cands:
             assert c["loss"]["type"] == "surrogate" and c["hash"] == build_loss(
                 c["loss"], num_classes=3).spec.hash()
             r = rewards.get(c["id"], 0.1)
-            method.report(c["id"], ProxyResult(c["id"], "ok", metrics={"mIoU": r}, target=r))
+            method.tell(c["id"], ProxyResult(c["id"], "ok", metrics={"mIoU": r}, target=r))
             order.append(c["id"])
         method.save(checkpoint)
     return order
@@ -103,16 +103,16 @@ def _run_steps(method: PPOMethod, rewards: dict[str, float], checkpoint: Path, n
 def test_protocol_progress_best_and_loss_files(tmp_path):
     method = PPOMethod.create(_params(samples=2, steps=2), None, tmp_path)
     # a step is handed out in full before the next one starts: [] while its last candidate is in flight
-    first = method.next_candidates(2)
+    first = method.ask(2)
     assert [c["id"] for c in first] == ["t000-mu", "t000-s000"]
-    last = method.next_candidates(2)
+    last = method.ask(2)
     assert [c["id"] for c in last] == ["t000-s001"]
-    assert method.next_candidates(2) == []
+    assert method.ask(2) == []
     assert method.counters["in_flight"] == 3
     rewards = {"t000-mu": 0.30, "t000-s000": 0.50, "t000-s001": 0.20, "t001-mu": 0.45, "t001-s000": 0.10,
                "t001-s001": 0.40}
     for c in first + last:
-        method.report(c["id"], ProxyResult(c["id"], "ok", target=rewards[c["id"]]))
+        method.tell(c["id"], ProxyResult(c["id"], "ok", target=rewards[c["id"]]))
     _run_steps(method, rewards, tmp_path / "checkpoint.json")
     assert method.done and method.counters["evaluated"] == 6 and method.counters["steps"] == 2
 
@@ -145,12 +145,12 @@ def test_protocol_progress_best_and_loss_files(tmp_path):
 def test_resume_from_the_checkpoint_hands_out_unreported_candidates_again(tmp_path):
     params = _params(samples=2, steps=2)
     method = PPOMethod.create(params, None, tmp_path)
-    issued = method.next_candidates(2)
-    method.report(issued[0]["id"], ProxyResult(issued[0]["id"], "ok", target=0.3))
+    issued = method.ask(2)
+    method.tell(issued[0]["id"], ProxyResult(issued[0]["id"], "ok", target=0.3))
     method.save(tmp_path / "checkpoint.json")  # killed with issued[1] in flight
     resumed = make_method(params, None, tmp_path)
     assert [r["id"] for r in resumed.history] == ["t000-mu"]
-    again = resumed.next_candidates(5)
+    again = resumed.ask(5)
     assert [c["id"] for c in again] == ["t000-s000", "t000-s001"]
     assert again[0]["hash"] == issued[1]["hash"]
 

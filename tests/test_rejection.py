@@ -21,7 +21,7 @@ from components.search.screening import (
     screen_naive,
 )
 from components.search.parallel_screening import screen_many
-from components.tasks.segmentation.task import build_screening_problem
+from components.tasks.segmentation.probe import build_screening_problem
 from components.tasks.segmentation.shapes import SHAPES_CLASSES, render_scene
 
 from screening_support import seg, shapes_items

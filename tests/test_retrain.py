@@ -8,16 +8,8 @@ from torch import nn
 
 from components.errors import LossforgeError
 from components.tasks.loss_registry import build_loss
-from components.tasks.retrain import (
-    PAPER_RETRAIN,
-    ComparisonRow,
-    ComparisonTable,
-    RetrainConfig,
-    baseline_losses,
-    merge_tables,
-    retrain_and_compare,
-    write_table,
-)
+from components.tasks.retrain import ComparisonRow, ComparisonTable, merge_tables, write_table
+from components.tasks.segmentation.retrain import PAPER_RETRAIN, RetrainConfig, baseline_losses, retrain_and_compare
 from components.tasks.segmentation.models import model_preset
 from components.tasks.segmentation.metrics import METRIC_NAMES
 from components.tasks.segmentation.datasets import open_voc

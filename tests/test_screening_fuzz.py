@@ -19,7 +19,7 @@ import torch
 from components.search.equivalence import EquivalenceCache
 from components.search.generation import TreeGenerator
 from components.search.screening import REASONS, ScreeningConfig, ScreeningResult, screen
-from components.tasks.segmentation.task import build_screening_problem
+from components.tasks.segmentation.probe import build_screening_problem
 from components.tasks.segmentation.shapes import render_scene
 
 CANDIDATES = 10_000

@@ -14,7 +14,7 @@ from components.search.equivalence import EquivalenceCache
 from components.tasks.segmentation.trainer import ProxyResult
 from components.search.screening import ScreeningConfig
 from components.search.engine import Candidate, SearchEngine
-from components.tasks.segmentation.task import build_screening_problem
+from components.tasks.segmentation.probe import build_screening_problem
 
 NUM_CLASSES = 3
 SCREENING = ScreeningConfig(samples=2, steps=5, lr=0.5, threshold=0.0)  # tiny, permissive protocol (fast tests)

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from components.errors import LossforgeError
 from components.search.graph import LossGraph, Node
-from components.tasks.segmentation.task import GraphSegLoss, build_screening_problem, one_hot_target
+from components.tasks.segmentation.probe import GraphSegLoss, build_screening_problem, one_hot_target
 from components.tasks.segmentation.shapes import SHAPES_CLASSES
 
 from screening_support import shapes_items
@@ -142,7 +142,7 @@ def _square_mask():
 
 
 def test_boundary_target_of_a_hand_made_mask_is_its_edge_pixels():
-    from components.tasks.segmentation.task import boundary_target
+    from components.tasks.segmentation.probe import boundary_target
 
     y, valid = one_hot_target(_square_mask(), 3)
     edges = boundary_target(y, valid)
@@ -167,7 +167,7 @@ def test_boundary_target_of_a_hand_made_mask_is_its_edge_pixels():
 
 def test_boundary_target_follows_the_metric_definition():
     from components.tasks.segmentation.metrics import class_boundaries
-    from components.tasks.segmentation.task import boundary_target
+    from components.tasks.segmentation.probe import boundary_target
 
     items = shapes_items(2, size=24, seed=4, ignore_band=1)
     labels = torch.stack([m for _, m in items])
@@ -179,7 +179,7 @@ def test_boundary_target_follows_the_metric_definition():
 
 
 def test_training_target_for_metric():
-    from components.tasks.segmentation.task import training_target_for_metric
+    from components.tasks.segmentation.probe import training_target_for_metric
 
     assert [training_target_for_metric(m) for m in ("BIoU", "bf1", "mIoU", "gacc")] == \
         ["boundary", "boundary", "label", "label"]
@@ -188,7 +188,7 @@ def test_training_target_for_metric():
 
 
 def test_boundary_metric_probe_feeds_boundary_targets(dataset):
-    from components.tasks.segmentation.task import boundary_target
+    from components.tasks.segmentation.probe import boundary_target
 
     bf1 = build_screening_problem(dataset, "BF1", samples=3, size=16, seed=0)
     as_labels = build_screening_problem(dataset, "BF1", samples=3, size=16, seed=0, target="label")

@@ -10,7 +10,7 @@
         engine.save("state.json")               # a killed search resumes from here
 
 Decisions (tested in tests/test_search_engine.py):
-- Screening and equivalence: every generated graph goes through `rejection.screen(..., cache=...)`,
+- Screening and equivalence: every generated graph goes through `screening.screen(..., cache=...)`,
   which computes the gradient fingerprint first and reuses a cached verdict for a known fingerprint
   (counted in `screening_reused`). An accepted child whose fingerprint already has a proxy result
   ("ok" or "nan", under the same `proxy_key`) is a gradient-duplicate: it joins the population with
@@ -183,6 +183,8 @@ class SearchEngine:
                 f"search: the equivalence cache is for problem {cache.key!r}, not {problem.key!r}"
             )
         self.cache = cache
+        self._branch_caches: dict[str, Any] = {}  # per-branch screening verdicts (in memory; multi-branch tasks)
+        self._branch_scores: dict[str, Any] = {}
         self.rng = random.Random(self.seed)
         self.generator = TreeGenerator(self.config.operator_set, depth=self.config.depth, rng=self.rng)
         self.evolution = RegularizedEvolution(self.config, self.generator, task, self.rng)
@@ -245,6 +247,52 @@ class SearchEngine:
         self._last_screening = result
         return True
 
+    @property
+    def problem_branches(self) -> Mapping[str, Any] | None:
+        """branch -> probe of that branch alone, for multi-branch tasks (None: screen whole graphs)."""
+        return getattr(self.problem, "branch_problems", None) or None
+
+    def _screen_branch(self, name: str, graph: Any) -> bool:
+        """Acceptance test of one branch's tree on the branch's own probe (other branches at their targets)."""
+        from components.search.equivalence import EquivalenceCache
+        from components.search.screening import screen
+
+        problem = self.problem_branches[name]
+        cache = self._branch_caches.get(name)
+        if cache is None:
+            cache = self._branch_caches[name] = EquivalenceCache(None, problem.key)
+        self.counters["generated"] += 1
+        result = screen(graph, problem, self.screening_config, cache=cache)
+        if _field(result, "cached", False):
+            self.counters["screening_reused"] += 1
+        if not result.accepted:
+            name_ = f"rejected_{_slug(result.reason.split(':', 1)[0])}"
+            self.counters[name_] = self.counters.get(name_, 0) + 1
+            self._note_rejection(result.score)
+            return False
+        self.counters["accepted_branches"] = self.counters.get("accepted_branches", 0) + 1
+        self.rejected_in_row, self.best_rejected_g = 0, None  # the streak is per branch tree
+        self._branch_scores[name] = result.score
+        return True
+
+    def _accept_joint(self, graph: Any) -> bool:
+        """A graph whose branches each passed their own probe is accepted (paper A.2); its screening result
+        carries the gradient fingerprint on the whole probe (for the equivalence check) and, as g, the
+        lowest branch g."""
+        import time
+
+        from components.search.equivalence import gradient_fingerprint_or_none
+        from components.search.screening import ACCEPTED, ScreeningResult
+
+        start = time.perf_counter()
+        fingerprint = gradient_fingerprint_or_none(graph, self.problem, self.screening_config.samples)
+        scores = [s for s in (_finite(self._branch_scores.get(b)) for b in graph.branches) if s is not None]
+        self._last_screening = ScreeningResult(True, min(scores) if scores else None, ACCEPTED, fingerprint,
+                                               time.perf_counter() - start, 0)
+        self.counters["accepted"] += 1
+        self.rejected_in_row, self.best_rejected_g = 0, None
+        return True
+
     def _note_rejection(self, score: Any) -> None:
         self.rejected_in_row += 1
         g = _finite(score)
@@ -291,7 +339,10 @@ class SearchEngine:
         for _ in range(self.config.max_attempts):
             self._last_screening = None
             try:
-                ind = self.evolution.ask(accept=self._screen)
+                if self.problem_branches:  # multi-branch task: each branch screened on its own probe (A.2)
+                    ind = self.evolution.ask(accept=self._accept_joint, accept_branch=self._screen_branch)
+                else:
+                    ind = self.evolution.ask(accept=self._screen)
             except SearchStalledError as exc:
                 counts = ", ".join(f"{k}={v}" for k, v in sorted(self.rejections().items()))
                 raise SearchStalledError(

@@ -11,7 +11,7 @@ The acceptance rule (`ScreeningConfig.gain`) decides how g is measured:
 * ``"normalized"`` (default): g = mean_b (ξ(ŷ*_b) − ξ(ŷ_b)) / (ξ_max,b − ξ(ŷ_b)), the share of the
   reachable headroom the loss closes, with ξ_max,b the metric of the perfect prediction
   (`ScreeningProblem.perfect_predictions`: the target itself, or for a boundary-target probe the labels
-  on the edges that y carries, see components.tasks.segmentation.task). It is computed, not assumed to be 1:
+  on the edges that y carries, see components.tasks.segmentation.probe). It is computed, not assumed to be 1:
   a sample without boundaries has BIoU/BF1 ξ_max = 0. Samples whose headroom is ≤ `HEADROOM_EPS` are
   skipped (they cannot tell losses apart); a probe with no headroom at all is an error.
 * ``"absolute"``: the paper's g = mean_b ξ(ŷ*_b) − ξ(ŷ_b). Reason for not making it the default: with
@@ -113,7 +113,8 @@ class ScreeningProblem:
     metric(pred, targets) -> `(B,)` per-sample metric ξ (higher is better);
     key: identifies task + metric + probe data, so caches never mix problems;
     perfect_predictions: predictions in the layout of `init_predictions` that reproduce the targets
-    (ξ of them is ξ_max of the normalised gain); None allows only `gain="absolute"`.
+    (ξ of them is ξ_max of the normalised gain); None allows only `gain="absolute"`;
+    branch_problems: for tasks with several loss branches, branch -> the probe of that branch alone.
     """
 
     init_predictions: Tensor
@@ -125,6 +126,9 @@ class ScreeningProblem:
     task: str = "segmentation"
     metric_name: str = ""
     perfect_predictions: Tensor | None = None
+    # multi-branch tasks (paper A.2): one probe per branch with the other branches' predictions at their targets;
+    # the search then screens each branch's tree on its own probe (components.search.engine)
+    branch_problems: Mapping[str, "ScreeningProblem"] | None = None
 
     @property
     def samples(self) -> int:

@@ -108,7 +108,7 @@ GRAPH_KEYS = ("type", "graph", "path", "target", "boundary", "boundary_width", "
 def _build_graph(spec: Mapping[str, Any]) -> nn.Module:
     from components.search import graph_json as loss_json
     from components.atomic_io import read_json
-    from components.tasks.segmentation.task import TRAINING_TARGETS, GraphSegLoss
+    from components.tasks.segmentation.probe import TRAINING_TARGETS, GraphSegLoss
 
     unknown = [k for k in spec if k not in GRAPH_KEYS]
     if unknown:

@@ -1,10 +1,12 @@
-"""Final re-training: the searched loss and every baseline on the full schedule, compared on the test set.
+"""Final re-training, for any task: the searched loss and every baseline on the full schedule, compared on
+the test set.
 
-``retrain_and_compare`` trains one model per loss side by side with the proxy-training machinery
-(``train_proxy``: same initial weights, same batches), on the full schedule (``RetrainConfig``: more
-iterations, full resolution, the model from config), optionally over several seeds, evaluates the
-held-out test set with all six metrics and returns a ``ComparisonTable``. ``write_table`` writes it as
-Markdown (target metric column marked, best value per column in bold) and JSON (``lossforge.comparison/1``).
+``retrain_over_seeds`` trains one model per loss side by side with the task's trainer (same initial
+weights, same batches), once per seed, evaluates the held-out test set with all the task's metrics and
+returns a ``ComparisonTable`` (mean and std over seeds). ``merge_tables`` joins per-seed tables (the flow
+re-trains one seed per task). ``write_table`` writes it as Markdown (target metric column marked, best value
+per column in bold) and JSON (``lossforge.comparison/1``). The task-specific schedules live with each task
+(e.g. ``components.tasks.segmentation.retrain``).
 """
 
 from __future__ import annotations
@@ -17,40 +19,13 @@ import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
-from torch import nn
-from torch.utils.data import Dataset
 
 from components.atomic_io import write_json_atomic
 from components.errors import LossforgeError
-from components.tasks.segmentation.trainer import ProgressCallback, ProxyConfig, train_proxy
-from components.tasks.segmentation.models import MODEL_PRESETS, ModelConfig
-from components.tasks.segmentation.metrics import METRIC_NAMES, canonical_metric_name
 
 TABLE_FORMAT = "lossforge.comparison/1"
-DEFAULT_BASELINES = ("ce", "weighted_ce", "dice", "lovasz", "focal", "soft_iou")
-
-
-@dataclass(frozen=True)
-class RetrainConfig(ProxyConfig):
-    """Full training schedule; CPU defaults: the proxy recipe (the small UNet, AdamW lr 0.01) at 64² for 600
-    iterations, twice the proxy's schedule at 4× the pixels.
-
-    The papers' setting is ``PAPER_RETRAIN``. Any ``ProxyConfig`` is accepted by ``retrain_and_compare`` too.
-    """
-
-    model: ModelConfig = dataclasses.replace(MODEL_PRESETS["cpu_unet"], input_size=64)
-    iterations: int = 600
-
-
-# DeepLabV3+ R101 at 512² (AutoLoss-Zero: "30 epochs, same setting as DeepLabV3+ [8]"): batch 16, lr 0.007
-# (DeepLabV3+ paper, no head multiplier), poly 0.9, ~20k iterations = 30 epochs of VOC aug (10582 images).
-PAPER_RETRAIN = RetrainConfig(
-    model=MODEL_PRESETS["paper_retrain"], iterations=20000, batch_size=16, lr=0.007, head_lr_mult=1.0,
-    momentum=0.9, weight_decay=5e-4, optimizer="sgd", poly_power=0.9, min_lr=1e-4, eval_batch_size=8, device="cuda",
-    num_workers=8,
-)
 
 
 @dataclass
@@ -72,7 +47,7 @@ class ComparisonTable:
 
     target_metric: str
     rows: list[ComparisonRow]
-    metrics: tuple[str, ...] = METRIC_NAMES
+    metrics: tuple[str, ...] = ()
     seeds: tuple[int, ...] = (0,)
     config: dict[str, Any] = field(default_factory=dict)
 
@@ -159,13 +134,13 @@ class ComparisonTable:
         return "\n".join(lines) + "\n"
 
 
-def _aggregate(name: str, results: Sequence[Any]) -> ComparisonRow:
+def _aggregate(name: str, results: Sequence[Any], metric_names: Sequence[str]) -> ComparisonRow:
     bad = next((r for r in results if r.status != "ok"), None)
     if bad is not None:
         return ComparisonRow(name, bad.status, iterations=bad.iterations, seconds=sum(r.seconds for r in results),
                              message=bad.message)
     means, stds = {}, {}
-    for m in METRIC_NAMES:
+    for m in metric_names:
         vals = [r.metrics[m] for r in results if m in r.metrics]
         means[m] = statistics.fmean(vals) if vals else math.nan
         stds[m] = statistics.pstdev(vals) if len(vals) > 1 else 0.0
@@ -173,23 +148,24 @@ def _aggregate(name: str, results: Sequence[Any]) -> ComparisonRow:
                          seconds=sum(r.seconds for r in results))
 
 
-def retrain_and_compare(
-    losses: Mapping[str, nn.Module],
-    train_ds: Dataset,
-    test_ds: Dataset,
-    cfg: ProxyConfig = RetrainConfig(),
-    target_metric: str = "mIoU",
+def retrain_over_seeds(
+    train: Callable[..., Mapping[str, Any]],
+    losses: Mapping[str, Any],
+    train_ds: Any,
+    test_ds: Any,
+    cfg: Any,
+    target_metric: str,
+    metric_names: Sequence[str],
     *,
     seeds: Iterable[int] | None = None,
-    num_classes: int | None = None,
-    on_progress: ProgressCallback | None = None,
+    on_progress: Callable[[int, int, dict], None] | None = None,
 ) -> ComparisonTable:
-    """Train every loss on ``train_ds`` with ``cfg`` (side by side, per seed) and compare them on ``test_ds``.
+    """``train(losses, train_ds, test_ds, cfg_with_seed, target_metric, on_progress=...)`` (a task's trainer,
+    returning name -> ProxyResult) once per seed; the table holds the mean and std of every metric.
 
-    ``seeds`` defaults to ``(cfg.seed,)``; with several, the table holds the mean and std per metric.
-    ``on_progress(iteration, total, losses)`` counts iterations over all seeds.
+    ``seeds`` defaults to ``(cfg.seed,)``; ``on_progress(iteration, total, losses)`` counts iterations over
+    all seeds.
     """
-    target_metric = canonical_metric_name(target_metric)
     seed_list = tuple(int(s) for s in (seeds if seeds is not None else (cfg.seed,)))
     if not seed_list:
         raise LossforgeError("retrain: seeds must not be empty")
@@ -202,21 +178,21 @@ def retrain_and_compare(
             def progress(it: int, _total: int, values: dict[str, float], _o: int = offset, _g: int = grand) -> None:
                 on_progress(_o + it, _g, values)
 
-        results = train_proxy(losses, train_ds, test_ds, dataclasses.replace(cfg, seed=seed), target_metric,
-                              num_classes=num_classes, on_progress=progress)
+        results = train(losses, train_ds, test_ds, dataclasses.replace(cfg, seed=seed), target_metric,
+                        on_progress=progress)
         for name, result in results.items():
             per_loss[name].append(result)
-    rows = [_aggregate(name, results) for name, results in per_loss.items()]
+    rows = [_aggregate(name, results, metric_names) for name, results in per_loss.items()]
     config = dataclasses.asdict(cfg)
     config["config_class"] = type(cfg).__name__
-    return ComparisonTable(target_metric, rows, METRIC_NAMES, seed_list, config)
+    return ComparisonTable(target_metric, rows, tuple(metric_names), seed_list, config)
 
 
 def merge_tables(tables: Sequence[ComparisonTable]) -> ComparisonTable:
     """One table over several seeds from per-seed tables (each trained with one seed): mean and std per metric.
 
     Re-training runs one task per seed (in parallel, and a finished seed is never trained again); this
-    gives the same numbers as ``retrain_and_compare`` over all seeds at once. Rows keep the first table's
+    gives the same numbers as ``retrain_over_seeds`` over all seeds at once. Rows keep the first table's
     order; a loss that failed in any seed is reported with that seed's status.
     """
     if not tables:
@@ -241,14 +217,6 @@ def merge_tables(tables: Sequence[ComparisonTable]) -> ComparisonTable:
         rows.append(ComparisonRow(row.name, "ok", means, stds, iterations=row.iterations,
                                   seconds=sum(r.seconds for r in per_seed)))
     return ComparisonTable(first.target_metric, rows, first.metrics, seeds, dict(first.config))
-
-
-def baseline_losses(names: Iterable[str | Mapping[str, Any]] = DEFAULT_BASELINES,
-                    num_classes: int | None = None) -> dict[str, nn.Module]:
-    """Build the handcrafted baselines to compare against (names or specs for ``build_loss``)."""
-    from components.tasks.loss_registry import build_loss, loss_name
-
-    return {loss_name(spec): build_loss(spec, num_classes=num_classes) for spec in names}
 
 
 def _write_text_atomic(path: Path, text: str) -> None:

@@ -1,7 +1,7 @@
 """`lossforge data ...` commands: generate the embedded shapes dataset, write the search splits.
 
-Orchestration only: generation, reading and splitting live in components/ (shapes_dataset, seg_datasets,
-splits). Bad input is a one-line `error:` (exit status 2) raised before anything is written.
+Orchestration only: generation, reading and splitting live in components/ (tasks/segmentation/shapes.py,
+the task's dataset readers, tasks/splits.py). Bad input is a one-line `error:` (exit status 2) raised before anything is written.
 """
 
 from __future__ import annotations
@@ -64,13 +64,16 @@ def split(
     seed: int = typer.Option(0, "--seed", help="Random seed of the split."),
     train_split: str = typer.Option("train", "--train-split", help="The dataset's training list."),
     test_split: str = typer.Option("val", "--test-split", help="The dataset's held-out list (final re-training)."),
+    task: str = typer.Option("segmentation", "--task", help="Task whose reader opens the dataset: segmentation "
+                             "or detection."),
 ) -> None:
     """Carve S_eval out of the training images; write the S_train, S_eval and test manifests."""
-    from components.tasks.segmentation.datasets import open_segmentation_dataset
+    from components.tasks.base import get_task
     from components.tasks.splits import write_search_splits
 
-    train = open_segmentation_dataset(data, split=train_split)
-    test = open_segmentation_dataset(data, split=test_split)
+    reader = get_task(task)
+    train = reader.open_dataset(data, split=train_split)
+    test = reader.open_dataset(data, split=test_split)
     paths = write_search_splits(train.ids, test.ids, out, eval_count=eval_count, eval_fraction=eval_fraction,
                                 seed=seed)
     counts = {name: len(path.read_text(encoding="utf-8").split()) for name, path in paths.items()}

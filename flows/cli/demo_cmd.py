@@ -15,14 +15,15 @@ from flows.cli.search_cmd import PARAMS_OPT, prepare_run, run_and_print
 @user_errors
 def demo(
     params_file: str = PARAMS_OPT,
-    metric: Optional[str] = typer.Option(None, help="Target metric (default: params.yaml's)."),
+    task: Optional[str] = typer.Option(None, help="Task: segmentation or detection (default: params.yaml's)."),
+    metric: Optional[str] = typer.Option(None, help="Target metric (default: params.yaml's, or the task's)."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Show Prefect's logs."),
 ) -> None:
     """Run the `demo` profile: embedded shapes data → split → search → re-train → report."""
     from flows.search_flow import STAGES
 
     t0 = time.time()
-    params = prepare_run(params_file, "demo", STAGES, verbose, metric=metric)
+    params = prepare_run(params_file, "demo", STAGES, verbose, task=task, metric=metric)
     console.print(f"[bold]Lossforge demo[/]: searching a loss for {params.search.metric} "
                   f"({params.search.budget} proxy evaluations, {params.search.workers} workers)")
     run_and_print(params, STAGES)

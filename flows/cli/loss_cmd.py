@@ -92,13 +92,14 @@ def _default_probe_root() -> Path:
     return Path(base) / "shapes-probe"
 
 
-def _open_probe_dataset(data: Optional[Path]):
-    from components.tasks.segmentation.datasets import open_segmentation_dataset
+def _open_probe_dataset(data: Optional[Path], task_name: str = "segmentation"):
+    from components.tasks.base import get_task
 
+    task = get_task(task_name)
     if data is not None:
         if not data.exists():
             raise LossforgeError(f"--data {data}: no such file or directory")
-        return open_segmentation_dataset(data), str(data)
+        return task.open_dataset(data, split="train"), str(data)
     root = _default_probe_root()
     if not (root / "ImageSets").is_dir():
         from components.tasks.segmentation.shapes import generate_shapes
@@ -106,15 +107,16 @@ def _open_probe_dataset(data: Optional[Path]):
         with console.status(f"generating the embedded shapes dataset into {root} ..."):
             generate_shapes(root, num_train=PROBE_TRAIN_IMAGES, num_test=PROBE_TEST_IMAGES,
                             image_size=PROBE_IMAGE_SIZE, seed=0)
-    return open_segmentation_dataset(root), f"{root} (embedded shapes)"
+    return task.open_dataset(root, split="train"), f"{root} (embedded shapes)"
 
 
 @app.command("check")
 @user_errors
 def check(
-    file: Path = typer.Argument(..., help="Loss JSON file (segmentation task)."),
-    metric: str = typer.Option("mIoU", help="Target metric ξ: gAcc, mAcc, mIoU, FWIoU, BIoU or BF1."),
-    data: Optional[Path] = typer.Option(None, help="Segmentation dataset (default: the embedded shapes dataset)."),
+    file: Path = typer.Argument(..., help="Loss JSON file (any task: the file names it)."),
+    metric: Optional[str] = typer.Option(None, help="Target metric ξ (default: the task's; segmentation: gAcc, mAcc, "
+                                                    "mIoU, FWIoU, BIoU or BF1; detection: mAP, AP50, AP75)."),
+    data: Optional[Path] = typer.Option(None, help="Dataset of the loss's task (default: the embedded shapes dataset)."),
     steps: int = typer.Option(500, help="SGD steps on the predictions."),
     samples: int = typer.Option(5, help="Probe samples B."),
     size: int = typer.Option(64, help="Probe resolution (size × size)."),
@@ -126,21 +128,29 @@ def check(
     seed: int = typer.Option(0, help="Seed for the probe samples and the random network."),
     model: str = typer.Option("lite", help="components.tasks.segmentation.models preset of the random network."),
 ) -> None:
-    """Run the loss-rejection protocol on the segmentation probe; print g and the verdict."""
+    """Run the loss-rejection protocol on the probe of the loss's task; print g and the verdict."""
     from components.search.graph_json import load_graph
     from components.search.screening import ScreeningConfig, screen
-    from components.tasks.segmentation.task import build_screening_problem
+    from components.tasks.base import get_task, task_names
 
     graph = load_graph(file)
-    if "seg" not in graph.branches or graph.task != "segmentation":
-        raise LossforgeError(f"{file}: `loss check` screens segmentation losses; this one is for task {graph.task!r}")
+    if graph.task not in task_names():
+        raise LossforgeError(f"{file}: `loss check` screens losses of the tasks {', '.join(task_names())}; "
+                             f"this one is for task {graph.task!r}")
+    task_ = get_task(graph.task)
+    metric = task_.canonical_metric(metric or task_.default_metric)
     config = ScreeningConfig(samples=samples, steps=steps, lr=lr, momentum=momentum, threshold=threshold, gain=gain)
-    dataset, where = _open_probe_dataset(data)
+    dataset, where = _open_probe_dataset(data, task_.name)
     with console.status("building the probe (random network predictions) ..."):
-        problem = build_screening_problem(dataset, metric, num_classes=classes, samples=samples, size=size,
-                                          seed=seed, model=model)
+        if task_.name == "segmentation":  # the segmentation probe takes the network and the class count too
+            from components.tasks.segmentation.probe import build_screening_problem
+
+            problem = build_screening_problem(dataset, metric, num_classes=classes, samples=samples, size=size,
+                                              seed=seed, model=model)
+        else:
+            problem = task_.screening_problem(dataset, metric, samples=samples, size=size, seed=seed)
     console.print(f"probe: {samples} samples of {where}, {size}x{size}, "
-                  f"{problem.init_predictions.shape[-3]} classes, metric {problem.metric_name}")
+                  f"{getattr(dataset, 'num_classes', '?')} classes, metric {problem.metric_name or metric}")
     console.print(f"loss:  {graph.formula()}", markup=False)
     with Progress(TextColumn("screening"), BarColumn(), TextColumn("{task.completed}/{task.total} steps"),
                   TimeElapsedColumn(), console=console, transient=True) as bar:

@@ -8,7 +8,7 @@ from typing import Any, Optional
 import typer
 
 from components.errors import LossforgeError
-from components.params import METHODS, METRICS, RUNNERS
+from components.params import RUNNERS
 from flows.cli.common import user_errors
 from flows.cli.runtime import configure_prefect, console, progress_display
 
@@ -25,8 +25,15 @@ def check_choice(option: str, value: Optional[str], known: tuple[str, ...]) -> N
 def prepare_run(params_file: str, profile: Optional[str], stages: tuple[str, ...], verbose: bool = False,
                 **overrides: Any):
     """Validate everything a run needs before anything is written; returns the Params."""
-    check_choice("--metric", overrides.get("metric"), METRICS)
-    check_choice("--method", overrides.get("method"), METHODS)
+    from components.params import load_params
+    from components.search.method import method_names
+    from components.tasks.base import get_task, task_names
+
+    check_choice("--task", overrides.get("task"), tuple(task_names()))
+    if overrides.get("metric") is not None:
+        task_name = overrides.get("task") or load_params(params_file, profile=profile).search.task
+        check_choice("--metric", overrides["metric"], get_task(task_name).metrics)
+    check_choice("--method", overrides.get("method"), tuple(method_names()))
     check_choice("--runner", overrides.get("runner"), RUNNERS)
     for name in ("budget", "workers"):
         if overrides.get(name) is not None and overrides[name] < 1:
@@ -72,7 +79,9 @@ def _run_in_flow(params, stages: tuple[str, ...]) -> dict[str, Any]:
 def search(
     params_file: str = PARAMS_OPT,
     profile: Optional[str] = PROFILE_OPT,
-    metric: Optional[str] = typer.Option(None, help=f"Target metric: {', '.join(METRICS)}."),
+    task: Optional[str] = typer.Option(None, help="Task: segmentation or detection (default: params.yaml's)."),
+    metric: Optional[str] = typer.Option(None, help="Target metric of the task (segmentation: mIoU, BF1, ...; "
+                                                    "detection: mAP, AP50, AP75)."),
     method: Optional[str] = typer.Option(None, help="evolution (AutoLoss-Zero) or ppo (Auto Seg-Loss)."),
     budget: Optional[int] = typer.Option(None, help="Number of proxy evaluations."),
     workers: Optional[int] = typer.Option(None, help="Proxy trainings in parallel."),
@@ -85,6 +94,6 @@ def search(
     from flows.search_flow import STAGES
 
     stages = STAGES if retrain else tuple(s for s in STAGES if s != "retrain")
-    params = prepare_run(params_file, profile, stages, verbose, metric=metric, method=method, budget=budget,
-                         workers=workers, runner=runner, dataset=dataset)
+    params = prepare_run(params_file, profile, stages, verbose, task=task, metric=metric, method=method,
+                         budget=budget, workers=workers, runner=runner, dataset=dataset)
     run_and_print(params, stages)

@@ -36,6 +36,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from components.errors import LossforgeError
+from components.tasks.base import ProxyResult
 from components.tasks.segmentation.models import MODEL_PRESETS, ModelConfig, build_model, param_groups, resolve_device
 from components.tasks.segmentation.metrics import METRIC_NAMES, SegmentationMetrics, canonical_metric_name
 
@@ -100,36 +101,6 @@ PAPER_PROXY = ProxyConfig(
     momentum=0.9, weight_decay=5e-4, optimizer="sgd", poly_power=0.9, min_lr=1e-4, eval_batch_size=32, device="cuda",
     num_workers=4,
 )
-
-
-@dataclass
-class ProxyResult:
-    """Outcome of one model's training: ``status`` ok / nan / failed, the six metrics and the target value.
-
-    ``iterations``: iterations run (for ``"nan"``: the 1-based iteration whose loss was not finite).
-    ``seconds``: this model's own compute time (its forward/backward/evaluation; shared data loading excluded).
-    ``metrics`` and ``target`` are empty/None unless the status is ``"ok"``.
-    """
-
-    name: str
-    status: str
-    metrics: dict[str, float] = field(default_factory=dict)
-    target: float | None = None
-    iterations: int = 0
-    seconds: float = 0.0
-    message: str = ""
-    target_metric: str = ""
-    final_loss: float | None = None
-
-    def to_dict(self) -> dict:
-        """JSON-able form (NaN metric values become None)."""
-        clean = {k: (v if v is not None and math.isfinite(v) else None) for k, v in self.metrics.items()}
-        target = self.target if self.target is not None and math.isfinite(self.target) else None
-        return {
-            "name": self.name, "status": self.status, "metrics": clean, "target_metric": self.target_metric,
-            "target": target, "iterations": self.iterations, "seconds": round(self.seconds, 3),
-            "message": self.message, "final_loss": self.final_loss,
-        }
 
 
 @dataclass

@@ -1,5 +1,5 @@
-"""Auto Seg-Loss as a search method of the search flow: `PPOMethod` adapts components.surrogates.ppo.PPOSearch to the
-`flows.methods.SearchMethod` protocol; `flows.methods.METHODS["ppo"]` imports it on first use.
+"""Auto Seg-Loss as a search method: `PPOMethod` puts components.surrogates.ppo.PPOSearch behind the ask/tell
+interface of `components.search.method` (registered as "ppo", imported on first use).
 
 What params.yaml configures (`ppo:` section):
 
@@ -14,8 +14,8 @@ min(ppo.steps, budget // evaluations per step) steps (at least one), where a ste
 itself with the "mu" baseline. The screening problem of the flow is not used (Auto Seg-Loss has no
 rejection protocol: every θ in [0,1]^k gives a valid, monotone surrogate).
 
-Tracking (optional hook `log_tracking(tracker, final)`, called by the search loop after each population
-update and once at the end): per finished step the policy mean μ_t (one metric per parameter,
+Tracking (flows/ppo_artifacts.py, called by the search loop for this method after each population update
+and once at the end): per finished step the policy mean μ_t (one metric per parameter,
 `mu.<curve>.<j>`), μ's reward, the mean/max sample reward and σ on the parent run, the reward and advantage
 on each sampled θ's nested run, and PNG plots of the g curves (flows/ppo_artifacts.py) as artifacts.
 """
@@ -27,8 +27,7 @@ from typing import Any, Mapping
 
 from components.errors import LossforgeError
 from components.params import Params
-
-
+from components.search.method import SearchMethod, register_method
 
 def surrogate_metrics(value: Any, default_metric: str) -> dict[str, float]:
     """`ppo.metrics` as a mapping name -> weight (None: the search metric alone)."""
@@ -75,9 +74,11 @@ def _fmt(values: list[float]) -> str:
     return "[" + ", ".join(f"{v:.3f}" for v in values) + "]"
 
 
-class PPOMethod:
+@register_method
+class PPOMethod(SearchMethod):
     """Auto Seg-Loss PPO2 search (components.surrogates.ppo.PPOSearch) behind the flow's SearchMethod interface."""
 
+    name = "ppo"
     loss_type = "surrogate"  # build_loss type of this method's loss files
 
     def __init__(self, search: Any, metric: str):
@@ -125,7 +126,7 @@ class PPOMethod:
         out.setdefault("parent_id", mu_id if kind == "sample" and has_mu else None)
         return out
 
-    def next_candidates(self, n: int) -> list[dict[str, Any]]:
+    def ask(self, n: int) -> list[dict[str, Any]]:
         """Up to n candidates of the current PPO step ([] while the rest of the step is in flight)."""
         return [
             {"id": c.id, "hash": c.hash, "loss": c.loss_spec(), "theta": list(c.theta), "step": c.step,
@@ -133,7 +134,7 @@ class PPOMethod:
             for c in self.search.next_candidates(n)
         ]
 
-    def report(self, candidate_id: Any, result: Any) -> dict[str, Any]:
+    def tell(self, candidate_id: Any, result: Any) -> dict[str, Any]:
         """Record a proxy result; the policy update runs when it was the last one of its step."""
         return self._display(self.search.report(str(candidate_id), result))
 
@@ -201,14 +202,3 @@ class PPOMethod:
         if not (immutable and py_path.exists()):
             write_surrogate_module(spec, py_path)
         return json_path, py_path
-
-    # --------------------------------------------------------------- tracking hook
-    def log_tracking(self, tracker: Any, final: bool = False) -> None:
-        """Log what is new since the last call (see module docstring); idempotent across resumes."""
-        from flows import ppo_artifacts
-
-        ppo_artifacts.log_ppo_steps(self, tracker)
-        if final:
-            ppo_artifacts.log_ppo_final(self, tracker)
-
-

@@ -1,0 +1,146 @@
+"""Object detection as a Lossforge task (AutoLoss-Zero A.2): Faster R-CNN R50-FPN (a ResNet-18-FPN proxy on
+CPU), four loss branches, box mAP.
+
+Decisions:
+- Data: any COCO instances JSON + images (``datasets.open_detection_dataset``); the embedded data is the
+  segmentation task's shapes set, whose generator writes ``annotations/instances_{train,val}.json`` too.
+- Losses (`build_loss`): a baseline name (``ce_smoothl1``, ``ce_giou``, ``ce_iou``), ``{"type": <baseline>}``,
+  ``{"type": "graph", "graph": <loss JSON dict> | LossGraph}``, ``{"type": "graph", "path": <file>}``, or a
+  path to a loss JSON; a graph must be of task "detection" and its missing branches use torchvision's
+  losses (``losses.GraphDetectionLoss``).
+- Screening (`screening_problem`): ``probe.build_screening_problem`` with the CPU detector; `size` is the
+  probe's image size. ``branches=`` (an extension of the Task signature) screens a subset of branches with
+  the others at their targets; without it, the problem carries one such probe per branch
+  (``branch_problems``), which the search engine uses to breed and screen each branch separately until it
+  passes, as the paper does (A.2): four random trees that all pass together are too rare to find.
+- `retrain` is the Task default (``components.tasks.retrain.retrain_over_seeds`` over `train_proxy`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from components.errors import LossforgeError
+from components.tasks.base import ProgressCallback, ProxyResult, Task, register_task
+
+GRAPH_KEYS = ("type", "graph", "path")
+
+
+@register_task
+class DetectionTask(Task):
+    """Faster R-CNN object detection with four searched loss branches, judged by COCO box AP."""
+
+    name = "detection"
+    metrics = ("mAP", "AP50", "AP75")
+    default_metric = "mAP"
+    default_baselines = ("ce_smoothl1", "ce_giou")
+    dataset_formats = "COCO instances: a .json file, or a folder with annotations/instances_<split>.json + images"
+
+    @property
+    def proxy_config_class(self) -> type:
+        from components.tasks.detection.trainer import ProxyConfig
+
+        return ProxyConfig
+
+    @property
+    def retrain_config_class(self) -> type:
+        from components.tasks.detection.trainer import RetrainConfig
+
+        return RetrainConfig
+
+    def canonical_metric(self, name: str) -> str:
+        from components.tasks.detection.metrics import canonical_metric_name
+
+        try:
+            return canonical_metric_name(name)
+        except LossforgeError:
+            raise LossforgeError(f"search.metric: {name!r} is not a detection metric (known: {', '.join(self.metrics)})") from None
+
+    # ------------------------------------------------------------------ data
+    def ensure_embedded_data(self, path: str | Path, *, num_train: int, num_test: int, image_size: int,
+                             seed: int) -> None:
+        from components.tasks.segmentation.shapes import ensure_shapes
+
+        ensure_shapes(path, num_train=num_train, num_test=num_test, image_size=image_size, seed=seed)
+
+    def open_dataset(self, path: str | Path, *, split: str | None = None, ids: Sequence[str] | None = None) -> Any:
+        from components.tasks.detection.datasets import open_detection_dataset
+
+        return open_detection_dataset(path, split=split or "train", ids=ids)
+
+    # ------------------------------------------------------------------ losses
+    def build_loss(self, spec: str | Mapping[str, Any], dataset: Any = None):
+        from components.search.graph import LossGraph
+        from components.tasks.detection.losses import BASELINES, GraphDetectionLoss, baseline_loss
+
+        if isinstance(spec, LossGraph):
+            return GraphDetectionLoss(spec)
+        if isinstance(spec, (str, Path)):
+            text = str(spec)
+            if text in BASELINES:
+                return baseline_loss(text)
+            if text.endswith(".json") or Path(text).is_file():
+                spec = {"type": "graph", "path": text}
+            else:
+                raise LossforgeError(f"detection loss {text!r} unknown; known: {', '.join(BASELINES)}, "
+                                     "a loss JSON path, or {type: graph, ...}")
+        if not isinstance(spec, Mapping) or not isinstance(spec.get("type"), str):
+            raise LossforgeError(f"detection loss spec must be a name or a dict with a 'type', got {spec!r}")
+        kind = spec["type"]
+        if kind != "graph":
+            extra = [k for k in spec if k != "type"]
+            if extra:
+                raise LossforgeError(f"detection loss {kind!r} takes no arguments, got {', '.join(map(str, extra))}")
+            return baseline_loss(kind)
+        unknown = [k for k in spec if k not in GRAPH_KEYS]
+        if unknown:
+            raise LossforgeError(f"loss type 'graph': unknown key(s) {', '.join(map(str, unknown))} (accepted: graph, path)")
+        graph = self._graph(spec)
+        if graph.task != "detection":
+            raise LossforgeError(f"loss type 'graph': the graph's task is {graph.task!r}, expected 'detection'")
+        return GraphDetectionLoss(graph)
+
+    @staticmethod
+    def _graph(spec: Mapping[str, Any]):
+        from components.search import graph_json
+        from components.search.graph import LossGraph
+
+        if "graph" in spec:
+            data = spec["graph"]
+            if isinstance(data, LossGraph):
+                return data
+            if not isinstance(data, Mapping):
+                raise LossforgeError(f"loss type 'graph': 'graph' must be a loss JSON object, got {type(data).__name__}")
+            return graph_json.graph_from_dict(data)
+        if "path" in spec:
+            return graph_json.load_graph(spec["path"])
+        raise LossforgeError("loss type 'graph': give 'path' (a lossforge.loss/1 JSON file) or 'graph'")
+
+    # ------------------------------------------------------------------ search
+    def screening_problem(self, dataset: Any, metric: str, *, samples: int, size: int, seed: int,
+                          branches: Sequence[str] | None = None):
+        import dataclasses
+
+        from components.tasks.detection.losses import BRANCHES
+        from components.tasks.detection.probe import build_screening_problem
+
+        metric = self.canonical_metric(metric)
+        problem = build_screening_problem(dataset, metric, samples=samples, size=size, seed=seed, branches=branches)
+        if branches is not None:
+            return problem
+        # the search screens each branch on its own probe, the others at their targets (paper A.2)
+        per_branch = {b: build_screening_problem(dataset, metric, samples=samples, size=size, seed=seed, branches=(b,))
+                      for b in BRANCHES}
+        return dataclasses.replace(problem, branch_problems=per_branch)
+
+    # ------------------------------------------------------------------ training
+    def train_proxy(self, losses: Mapping[str, Any], train_ds: Any, eval_ds: Any, config: Any, metric: str,
+                    *, on_progress: ProgressCallback | None = None) -> dict[str, ProxyResult]:
+        from components.tasks.detection.trainer import ProxyConfig, train_proxy
+
+        return train_proxy(losses, train_ds, eval_ds, config if config is not None else ProxyConfig(),
+                           self.canonical_metric(metric), on_progress=on_progress)
+
+
+__all__ = ["DetectionTask"]
