@@ -34,8 +34,8 @@ PLUGIN = textwrap.dedent('''
         name = "random_graphs"
         loss_type = "graph"
 
-        def __init__(self, problem, budget, seed, history=None, issued=0):
-            self.problem, self.budget, self.seed = problem, budget, seed
+        def __init__(self, problem, budget, seed, screening, history=None, issued=0):
+            self.problem, self.budget, self.seed, self.screening = problem, budget, seed, screening
             self._history = history or []
             self.issued = issued
             self.rng = random.Random(seed + issued)
@@ -45,15 +45,16 @@ PLUGIN = textwrap.dedent('''
             path = Path(state_dir) / "checkpoint.json"
             if path.exists():
                 data = read_json(path)
-                return cls(problem, data["budget"], data["seed"], data["history"], data["issued"])
-            return cls(problem, params.search.budget, params.search.seed)
+                return cls(problem, data["budget"], data["seed"], params.config("screening"), data["history"],
+                           data["issued"])
+            return cls(problem, params.search.budget, params.search.seed, params.config("screening"))
 
         def ask(self, n):
             out = []
             gen = TreeGenerator(rng=self.rng)
             while len(out) < n and self.issued < self.budget:
                 graph = gen.random_graph(self.problem.task)
-                if not screen(graph, self.problem).accepted:
+                if not screen(graph, self.problem, self.screening).accepted:
                     continue
                 out.append({"id": self.issued, "hash": graph.hash(),
                             "loss": {"type": "graph", "graph": graph_to_dict(graph)}})

@@ -30,6 +30,11 @@ Decisions (tested in tests/test_search_engine.py):
   to the `logging` logger "lossforge.search" and to `on_warning(message)` when given. The streak (count
   and best g) is part of the saved state.
 - Funnel counters: generated = accepted + Σ rejected_<reason>; accepted = duplicates + handed out.
+- Multi-branch tasks (the problem has `branch_problems`, e.g. detection): each branch's tree is bred and
+  screened on its own probe until it passes (paper A.2, `RegularizedEvolution.breed_by_branch`); then
+  `generated` and `rejected_*` count branch trees, `accepted_branches` the trees that passed, and `accepted`
+  the whole candidates (its g is the lowest branch g; its fingerprint is taken on the whole probe). The
+  per-branch verdict caches live in memory only (a resumed search rebuilds them).
 - State (`save` / `SearchEngine.load`) is one JSON file: evolution window and in-flight individuals,
   rng state, id counter, history, counters, progress curve, configs, problem key and the cache (inline,
   or the path of its own file which is saved alongside). In-flight candidates at save time are handed
@@ -233,19 +238,25 @@ class SearchEngine:
         """Acceptance test handed to the evolution: the loss-rejection protocol with the cache."""
         from components.search.screening import screen
 
-        self.counters["generated"] += 1
         result = screen(graph, self.problem, self.screening_config, cache=self.cache)
-        if _field(result, "cached", False):
-            self.counters["screening_reused"] += 1
-        if not result.accepted:
-            name = f"rejected_{_slug(result.reason.split(':', 1)[0])}"
-            self.counters[name] = self.counters.get(name, 0) + 1
-            self._note_rejection(result.score)
+        if not self._count_screening(result):
             return False
         self.counters["accepted"] += 1
         self.rejected_in_row, self.best_rejected_g = 0, None
         self._last_screening = result
         return True
+
+    def _count_screening(self, result: Any) -> bool:
+        """Count one screening verdict in the funnel (generated, reused, rejected_<reason>); True if accepted."""
+        self.counters["generated"] += 1
+        if _field(result, "cached", False):
+            self.counters["screening_reused"] += 1
+        if result.accepted:
+            return True
+        name = f"rejected_{_slug(result.reason.split(':', 1)[0])}"
+        self.counters[name] = self.counters.get(name, 0) + 1
+        self._note_rejection(result.score)
+        return False
 
     @property
     def problem_branches(self) -> Mapping[str, Any] | None:
@@ -261,14 +272,8 @@ class SearchEngine:
         cache = self._branch_caches.get(name)
         if cache is None:
             cache = self._branch_caches[name] = EquivalenceCache(None, problem.key)
-        self.counters["generated"] += 1
         result = screen(graph, problem, self.screening_config, cache=cache)
-        if _field(result, "cached", False):
-            self.counters["screening_reused"] += 1
-        if not result.accepted:
-            name_ = f"rejected_{_slug(result.reason.split(':', 1)[0])}"
-            self.counters[name_] = self.counters.get(name_, 0) + 1
-            self._note_rejection(result.score)
+        if not self._count_screening(result):
             return False
         self.counters["accepted_branches"] = self.counters.get("accepted_branches", 0) + 1
         self.rejected_in_row, self.best_rejected_g = 0, None  # the streak is per branch tree
