@@ -1,6 +1,6 @@
 """Prefect deployments of the search pipeline, served by `lossforge serve` against a Prefect server.
 
-The deployment exposes the typed parameters of `search_pipeline` (metric, method, budget, workers,
+The deployment exposes the typed parameters of `search_pipeline` (task, metric, method, budget, workers,
 runner, dataset, profile, params file, ...) so the Prefect UI's "Run" button shows a form for them.
 """
 
