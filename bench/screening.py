@@ -18,6 +18,13 @@ listed and the exit status is 1 (after the figures).
     python bench/screening.py                      # paper settings: 200 candidates, 64², 21 classes, B=5, 500 steps
     python bench/screening.py --candidates 40 --size 32 --steps 100   # quick
     python bench/screening.py --size 32 --classes 8 --samples 3 --steps 60 --lr 0.01   # the demo's protocol
+
+`--task detection` builds the task's own probe (`get_task("detection").screening_problem` on the embedded shapes
+data in COCO form, written to a temporary folder) and screens random single-branch trees (`--candidates` split
+over the four branches: K random trees, then offspring of trees drawn from the branch's stream, weight 1, as the
+search breeds them) on each branch's probe (`problem.branch_problems`); figures are per branch, then in total.
+
+    python bench/screening.py --task detection --candidates 40 --size 64 --samples 3 --steps 100 --lr 0.01
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ import collections
 import os
 import random
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -38,7 +46,7 @@ from components.search.equivalence import EquivalenceCache  # noqa: E402
 from components.search.generation import TreeGenerator  # noqa: E402
 from components.search.parallel_screening import screen_many  # noqa: E402
 from components.search.screening import ScreeningConfig, screen_naive  # noqa: E402
-from components.tasks.segmentation.probe import build_screening_problem  # noqa: E402
+from components.tasks.base import get_task  # noqa: E402
 
 
 def candidate_stream(count: int, seed: int, initial: int = 20, operator_set: str = "autoloss_zero"):
@@ -54,16 +62,31 @@ def candidate_stream(count: int, seed: int, initial: int = 20, operator_set: str
     return stream
 
 
-class ShapesProbeData:
-    """Scenes of the embedded shapes dataset (components.tasks.segmentation.shapes.render_scene), in memory."""
+def branch_stream(task: str, branch: str, count: int, seed: int, initial: int = 20,
+                  operator_set: str = "autoloss_zero"):
+    """`count` single-branch graphs of `branch` (weight 1, as the search screens them): `initial` random trees,
+    then offspring trees of parents drawn uniformly from the stream."""
+    from components.search.graph import Branch, LossGraph, branch_inputs
 
-    def __init__(self, count: int, size: int, seed: int):
+    gen = TreeGenerator(operator_set, depth=3, rng=random.Random(f"{seed}-{branch}"))
+    inputs = branch_inputs(task, branch, operator_set)
+    trees = []
+    for i in range(count):
+        trees.append(gen.random_tree(inputs) if i < initial else gen.offspring_tree(trees[gen.rng.randrange(len(trees))])[0])
+    return [LossGraph(task, {branch: Branch(tree, 1.0)}) for tree in trees]
+
+
+class ShapesProbeData:
+    """Scenes of the embedded shapes dataset (components.tasks.segmentation.shapes.render_scene), in memory;
+    `num_classes` is the output classes of the probe network (default: the shapes classes)."""
+
+    def __init__(self, count: int, size: int, seed: int, num_classes: int | None = None):
         import numpy as np
 
         from components.tasks.segmentation.shapes import SHAPES_CLASSES, render_scene
 
         rng = np.random.default_rng(seed)
-        self.num_classes = len(SHAPES_CLASSES)
+        self.num_classes = num_classes or len(SHAPES_CLASSES)
         self.items = []
         for _ in range(count):
             scene = render_scene(rng, image_size=max(size, 32))
@@ -85,7 +108,8 @@ def main(argv=None) -> None:
     ap.add_argument("--steps", type=int, default=500)
     ap.add_argument("--samples", type=int, default=5)
     ap.add_argument("--lr", type=float, default=ScreeningConfig.lr)
-    ap.add_argument("--metric", default="mIoU")
+    ap.add_argument("--task", default="segmentation", choices=("segmentation", "detection"))
+    ap.add_argument("--metric", default=None, help="target metric (default: the task's, mIoU / mAP)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--workers", type=int, default=2, help="processes for the real implementation")
     ap.add_argument("--threads", type=int, default=1,
@@ -100,20 +124,61 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    args.metric = args.metric or get_task(args.task).default_metric
 
     load = os.getloadavg()
-    print(f"settings: {args.candidates} candidates, probe {args.size}x{args.size}, {args.classes} classes, "
+    classes = f"{args.classes} classes" if args.task == "segmentation" else "the shapes classes"
+    print(f"settings: task {args.task}, {args.candidates} candidates, probe {args.size}x{args.size}, {classes}, "
           f"B={args.samples}, {args.steps} steps, lr {args.lr:g}, metric {args.metric}, seed {args.seed}, "
           f"torch threads {torch.get_num_threads()}, workers {args.workers}, cpus {os.cpu_count()}")
     print(f"load average at start: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
 
-    dataset = ShapesProbeData(16, args.size, args.seed)
-    problem = build_screening_problem(dataset, args.metric, num_classes=args.classes, samples=args.samples,
-                                      size=args.size, seed=args.seed)
-    stream = candidate_stream(args.candidates, args.seed)
+    runs = detection_runs(args) if args.task == "detection" else segmentation_runs(args)
     base = ScreeningConfig(samples=args.samples, steps=args.steps, lr=args.lr)
-    real_cfg = base  # the library default: the paper's verdicts
+    totals = collections.Counter()
+    differ_all = []
+    for label, stream, problem in runs:
+        if len(runs) > 1:
+            print(f"--- {label}: {len(stream)} candidates")
+        figures, differ = bench_one(args, stream, problem, base)
+        totals.update(figures)
+        differ_all += differ
+    if len(runs) > 1:
+        naive_rate = totals["naive_n"] / totals["naive_s"] * 60
+        real_rate = totals["real_n"] / totals["real_s"] * 60
+        print(f"--- all branches: accepted {totals['accepted']}/{totals['real_n']}, verdict agreement "
+              f"{totals['same_verdict']}/{totals['naive_n']}, reason agreement {totals['same_reason']}/{totals['naive_n']}")
+        print(f"naive: {totals['naive_n']} candidates in {totals['naive_s']:.1f} s = {naive_rate:.1f} candidates/min")
+        print(f"real:  {totals['real_n']} candidates in {totals['real_s']:.1f} s = {real_rate:.1f} candidates/min")
+        print(f"ratio: {real_rate / naive_rate:.1f}x")
+    if differ_all:
+        sys.exit(1)
 
+
+def segmentation_runs(args):
+    """[(label, candidates, problem)]: the generator's segmentation stream on the task's probe (shapes scenes)."""
+    dataset = ShapesProbeData(16, args.size, args.seed, num_classes=args.classes)
+    problem = get_task("segmentation").screening_problem(dataset, args.metric, samples=args.samples, size=args.size,
+                                                         seed=args.seed)
+    return [("segmentation", candidate_stream(args.candidates, args.seed), problem)]
+
+
+def detection_runs(args):
+    """[(branch, single-branch candidates, the branch's probe)] of the detection task on the shapes data (COCO)."""
+    task = get_task("detection")
+    with tempfile.TemporaryDirectory(prefix="lf-bench-det-") as tmp:
+        task.ensure_embedded_data(tmp, num_train=max(16, 2 * args.samples), num_test=1, image_size=max(args.size, 32),
+                                  seed=args.seed)
+        dataset = task.open_dataset(tmp, split="train")
+        problem = task.screening_problem(dataset, args.metric, samples=args.samples, size=args.size, seed=args.seed)
+    branches = list(problem.branch_problems)
+    per_branch = max(1, -(-args.candidates // len(branches)))
+    return [(b, branch_stream("detection", b, per_branch, args.seed), problem.branch_problems[b]) for b in branches]
+
+
+def bench_one(args, stream, problem, base):
+    """Screen `stream` naively and with the real implementation; print the figures; (counts, mismatches)."""
+    real_cfg = base  # the library default: the paper's verdicts
     naive_idx = list(range(0, len(stream), max(1, args.naive_every)))
     t0 = time.perf_counter()
     naive = [screen_naive(stream[i], problem, base) for i in naive_idx]
@@ -165,8 +230,9 @@ def main(argv=None) -> None:
     print(f"naive: {k} candidates in {naive_s:.1f} s = {naive_rate:.1f} candidates/min ({naive_s / k * 1000:.1f} ms each)")
     print(f"real:  {n} candidates in {real_s:.1f} s = {real_rate:.1f} candidates/min ({real_s / n * 1000:.1f} ms each)")
     print(f"ratio: {real_rate / naive_rate:.1f}x")
-    if differ:
-        sys.exit(1)
+    figures = {"naive_n": k, "naive_s": naive_s, "real_n": n, "real_s": real_s, "accepted": accepted,
+               "same_verdict": same_verdict, "same_reason": same_reason}
+    return figures, differ
 
 
 if __name__ == "__main__":

@@ -139,6 +139,21 @@ def proxy_validity(summary: dict[str, Any], comparison: Any, metric: str) -> dic
     return {"rho": spearman(xs, ys), "n": len(names), "losses": names, "proxy": xs, "retrain": ys}
 
 
+def formula_item(formula: str | None) -> str:
+    """The rest of the markdown list item "- formula": the formula as inline code, or for a multi-branch loss
+    (`name: formula` lines) one sub-item per branch."""
+    lines = [line for line in str(formula or "").splitlines() if line.strip()] or [""]
+    if len(lines) == 1:
+        return f": `{lines[0]}`"
+    return " (one line per branch):" + "".join(f"\n  - `{line}`" for line in lines)
+
+
+def formula_cell(formula: str | None) -> str:
+    """A formula for a markdown table cell: one inline code span per branch, separated by <br>."""
+    lines = [line for line in str(formula or "").splitlines() if line.strip()] or [""]
+    return "<br>".join(f"`{line}`".replace("|", "\\|") for line in lines)  # GFM: \| even in code spans
+
+
 def _table_markdown(path: Path) -> str:
     return path.read_text(encoding="utf-8") if path.exists() else "(re-training not run)\n"
 
@@ -208,7 +223,7 @@ def write_report(params: Params, pipeline_wall_s: float | None = None) -> dict[s
 
     funnel = "\n".join(f"| {k} | {v} |" for k, v in summary["counters"].items())
     top = "\n".join(
-        f"| {i} | {t['id']} | `{t['formula']}` | {t['target']:.4f} |" for i, t in enumerate(summary["top"], 1)
+        f"| {i} | {t['id']} | {formula_cell(t['formula'])} | {t['target']:.4f} |" for i, t in enumerate(summary["top"], 1)
     )
     timing_rows = "\n".join(f"| {k} | {v} |" for k, v in timing.items())
     baseline_rows = "\n".join(_baseline_row(name, entry) for name, entry in
@@ -231,7 +246,7 @@ profile `{params.profile}`).
 
 ## Best loss
 
-- formula: `{best['formula']}`
+- formula{formula_item(best['formula'])}
 - canonical: `{best['canonical']}`
 - hash: `{best['hash']}`, candidate {best['id']} (parent {best.get('parent_id')}, {best.get('mutation')})
 - proxy {metric}: {best['target']:.4f}

@@ -110,6 +110,16 @@ def baseline_specs(params: Params) -> list[Any]:
     return specs
 
 
+def check_user_dataset(params: Params) -> None:
+    """Open the user's dataset (train and val splits) as the split stage will, so malformed data (a box outside
+    its image, an unknown category, a missing image file, ...) is a one-line error before anything is written."""
+    from components.tasks.base import get_task
+
+    task = get_task(params.search.task)
+    for split in ("train", "val"):
+        task.open_dataset(params.data.path, split=split)
+
+
 def check_inputs(params: Params, stages: tuple[str, ...]) -> None:
     """Fail with a one-line error if the inputs of the first requested stage are missing."""
     if "prepare" in stages:
@@ -120,6 +130,8 @@ def check_inputs(params: Params, stages: tuple[str, ...]) -> None:
             raise LossforgeError(f"data.path: dataset not found: {params.data.path} (run the prepare stage first)")
     elif any(s in stages for s in ("search", "retrain")):
         data_spec(params)
+    if not params.data.generate and any(s in stages for s in ("prepare", "split")):
+        check_user_dataset(params)
     if any(s in stages for s in ("search", "retrain")):
         baseline_specs(params)
     if "search" in stages:

@@ -82,6 +82,9 @@ def split_flow(params: Params) -> dict[str, str]:
 
 # ------------------------------------------------------------------------------------------ search loop
 def _tracker_record(method: SearchMethod, record: dict[str, Any], folder: Path) -> dict[str, Any]:
+    """What the MLflow tracker logs of one history record (loss files written to `folder`)."""
+    from flows.tracking import branch_formulas  # only imported when tracking (it imports mlflow)
+
     stem = f"candidate-{record['id']}-{record['hash']}"
     json_path, py_path = method.write_loss_files(record, folder, stem)
     return {
@@ -90,6 +93,7 @@ def _tracker_record(method: SearchMethod, record: dict[str, Any], folder: Path) 
         "hash": record["hash"],
         "canonical": record.get("canonical", ""),
         "formula": record.get("formula", ""),
+        "branch_formulas": branch_formulas(record.get("graph")),  # {} unless a multi-branch graph
         "parent_id": record.get("parent_id"),
         "mutation": record.get("mutation", ""),
         "screening_g": record.get("screening_score"),

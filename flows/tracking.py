@@ -60,6 +60,24 @@ def _clip(value: Any) -> str:
     return text if len(text) <= MAX_TAG else text[: MAX_TAG - 3] + "..."
 
 
+def branch_formulas(graph: Any) -> dict[str, dict[str, Any]]:
+    """{branch: {"formula", "weight"}} of a multi-branch loss graph (a LossGraph or its loss JSON dict);
+    {} for a single-branch graph, no graph, or one that does not load."""
+    if graph is None:
+        return {}
+    from components.errors import LossforgeError
+    from components.search.graph import LossGraph
+    from components.search.graph_json import graph_from_dict
+
+    try:
+        loss = graph if isinstance(graph, LossGraph) else graph_from_dict(graph)
+    except (LossforgeError, TypeError, ValueError, KeyError):
+        return {}
+    if len(loss.branches) < 2:
+        return {}
+    return {name: {"formula": b.tree.formula(), "weight": b.weight} for name, b in loss.branches.items()}
+
+
 class SearchTracker:
     """Logs one search to MLflow (see module docstring). Create it, call `start()`, then `sync()` as
     records arrive, `log_search_state()` after each population update and `finish()` at the end."""
@@ -161,7 +179,10 @@ class SearchTracker:
         return count
 
     def log_candidate(self, record: Mapping[str, Any]) -> str:
-        """One nested run: formulas, genealogy, screening score, proxy metrics, status, wall time, artifacts."""
+        """One nested run: formulas, genealogy, screening score, proxy metrics, status, wall time, artifacts.
+
+        Multi-branch losses also get tags `formula.<branch>` and `weight.<branch>` (from `branch_formulas`,
+        or from the record's loss JSON `graph`)."""
         key = record["key"]
         tags = {
             "mlflow.parentRunId": self.parent_run_id,
@@ -177,6 +198,12 @@ class SearchTracker:
         }
         if record.get("message"):
             tags["message"] = _clip(record["message"])
+        per_branch = record.get("branch_formulas")
+        if per_branch is None:
+            per_branch = branch_formulas(record.get("graph"))
+        for branch, entry in per_branch.items():  # multi-branch losses: one formula (and weight) per branch
+            tags[f"formula.{branch}"] = _clip(entry["formula"])
+            tags[f"weight.{branch}"] = f"{float(entry['weight']):g}"
         run = with_retries(
             lambda: self.client.create_run(
                 self.experiment_id, run_name=f"candidate {record['id']}", tags=tags

@@ -7,6 +7,7 @@ import sys
 from typing import Callable, TypeVar
 
 from rich.console import Console
+from rich.markup import escape
 
 from components.errors import LossforgeError
 
@@ -22,7 +23,8 @@ def user_errors(fn: F) -> F:
         try:
             return fn(*args, **kwargs)
         except LossforgeError as exc:
-            err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            # escaped: messages hold brackets (`annotations[id=1].bbox`, `[1, 2, 3]`) that are not rich markup
+            err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
             sys.exit(2)
 
     return wrapper  # type: ignore[return-value]

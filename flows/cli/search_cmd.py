@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import typer
+from rich.markup import escape
 
 from components.errors import LossforgeError
 from components.params import RUNNERS
@@ -56,7 +57,14 @@ def run_and_print(params, stages: tuple[str, ...], show_progress: bool = True) -
         out = _run_in_flow(params, stages)
     if "search" in stages and "search" in out:
         best = out["search"]["best"]
-        console.print(f"best loss: [bold]{best['formula']}[/]  (proxy {params.search.metric} = {best['target']:.4f})")
+        lines = str(best["formula"]).splitlines() or [""]
+        score = f"(proxy {params.search.metric} = {best['target']:.4f})"
+        if len(lines) == 1:
+            console.print(f"best loss: [bold]{escape(lines[0])}[/]  {score}")
+        else:  # a multi-branch loss: one line per branch
+            console.print(f"best loss {score}:")
+            for line in lines:
+                console.print(f"  [bold]{escape(line)}[/]")
         console.print(f"loss files: {losses_dir(params)}/best.json, best.py")
         timing = out["search"].get("timing", {})
         if timing:

@@ -11,6 +11,9 @@ Decisions:
 - Training targets leave out crowd annotations and zero-width/height boxes (torchvision's COCO reference
   does the same); the evaluation ground truth (``coco_ground_truth``) keeps every annotation, crowds included,
   so COCOeval ignores detections on crowds as it does on COCO.
+- Layouts: a COCO ``.json``; a folder with ``annotations/instances_<split>.json`` (COCO, the shapes data) or
+  ``train.json`` + ``val.json`` (in the folder or ``annotations/``); the image folder is the first of
+  ``<split>/``, ``JPEGImages/``, ``images/``, the folder, that holds the listed ``file_name``s.
 - Malformed data is a one-line :class:`DetectionDatasetError` naming the file and field: invalid JSON, a
   missing ``images``/``annotations``/``categories`` list, an unknown category or image id, a bbox that is
   not 4 numbers, a box outside the image (0.5 px tolerance), a missing image file, an image whose size is not
@@ -24,7 +27,7 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -89,11 +92,20 @@ def _check_annotation(path: Path, ann: dict, record: dict) -> None:
                 f"{where}.bbox: box {box} is outside image {record.get('file_name')} ({width}x{height})")
 
 
-def _default_images_dir(path: Path) -> Path:
-    split_dir = path.parent.parent / path.stem.split("_", 1)[-1]  # COCO: annotations/instances_val2017.json
-    candidates = [split_dir, path.parent.parent / "JPEGImages", path.parent.parent / "images",
-                  path.parent / "images", path.parent.parent]
-    return next((c for c in candidates if c.is_dir()), path.parent)
+def _default_images_dir(path: Path, file_names: Sequence[str] = ()) -> Path:
+    """The image folder of a COCO JSON: the first candidate that holds one of the first listed images (COCO's
+    ``<split>/``, ``JPEGImages/``, ``images/`` next to ``annotations/`` or to the JSON, or that folder itself)."""
+    split = path.stem.split("_", 1)[-1]  # COCO: annotations/instances_val2017.json -> val2017; train.json -> train
+    near, up = path.parent, path.parent.parent
+    upper = [up / split, up / "JPEGImages", up / "images", near / "images", up]
+    nearer = [near / split, near / "JPEGImages", near / "images", near]
+    ordered = upper + nearer if near.name == "annotations" else nearer + upper
+    dirs = [c for c in dict.fromkeys(ordered) if c.is_dir()]
+    names = list(file_names)[:5]
+    for folder in dirs:
+        if any((folder / name).is_file() for name in names):
+            return folder
+    return dirs[0] if dirs else near
 
 
 def read_coco(path: str | os.PathLike, images_dir: str | os.PathLike | None = None
@@ -110,7 +122,6 @@ def read_coco(path: str | os.PathLike, images_dir: str | os.PathLike | None = No
     if len({c["id"] for c in cats}) != len(cats):
         raise DetectionDatasetError(f"{path}: duplicate category ids in 'categories'")
     cats = sorted(cats, key=lambda c: c["id"])
-    images_dir = Path(images_dir) if images_dir is not None else _default_images_dir(path)
     records: dict[Any, dict] = {}
     for k, img in enumerate(data["images"]):
         if not isinstance(img, dict) or "id" not in img or not isinstance(img.get("file_name"), str):
@@ -118,6 +129,9 @@ def read_coco(path: str | os.PathLike, images_dir: str | os.PathLike | None = No
         if img["id"] in records:
             raise DetectionDatasetError(f"{path}: images[{k}]: duplicate image id {img['id']!r}")
         records[img["id"]] = img
+    if images_dir is None:
+        images_dir = _default_images_dir(path, [r["file_name"] for r in records.values()])
+    images_dir = Path(images_dir)
     known = {c["id"] for c in cats}
     anns: dict[Any, list[dict]] = {i: [] for i in records}
     for k, ann in enumerate(data["annotations"]):
@@ -287,10 +301,34 @@ def open_coco_detection(annotation_json: str | os.PathLike, images_dir: str | os
     return DetectionDataset([by_id[i] for i in order], cats, name=str(path), **kwargs)
 
 
+PLAIN_SPLITS = ("train", "val", "test")  # <split>.json, in the folder or in annotations/
+
+
+def split_files(path: Path) -> dict[str, Path]:
+    """Split name -> annotation JSON of a dataset folder: ``annotations/instances_<split>.json`` (COCO), else
+    ``train.json`` / ``val.json`` / ``test.json`` in ``annotations/`` or in the folder; {} if none."""
+    files = {f.stem[len("instances_"):]: f for f in sorted((path / "annotations").glob("instances_*.json"))}
+    for folder in (path / "annotations", path):
+        if not files:
+            files = {n: folder / f"{n}.json" for n in PLAIN_SPLITS if (folder / f"{n}.json").is_file()}
+    return files
+
+
+def _pick_split(path: Path, files: Mapping[str, Path], split: str) -> str:
+    """`split`, or the only split whose name starts with it (``val`` -> ``val2017``)."""
+    if split in files:
+        return split
+    prefixed = [n for n in files if n.startswith(split)]
+    if len(prefixed) == 1:
+        return prefixed[0]
+    raise DetectionDatasetError(f"{path}: no split {split!r} (found: {', '.join(files)})")
+
+
 def open_detection_dataset(path: str | os.PathLike, *, split: str | None = "train",
                            ids: Sequence[str] | None = None, **kwargs) -> DetectionDataset:
     """Open a detection dataset: a COCO ``.json`` file, or a folder with ``annotations/instances_<split>.json``
-    (images in ``<split>/``, ``JPEGImages/`` or ``images/``; the embedded shapes layout and COCO's own).
+    or ``train.json`` + ``val.json`` (in the folder or in ``annotations/``); images in ``<split>/``,
+    ``JPEGImages/``, ``images/`` or the folder itself (``file_name`` may hold sub-folders).
 
     With `ids` (e.g. from a split manifest) the ids are looked up in `split` first, then in the other splits
     (which must have the same categories); they come back in the order given.
@@ -302,14 +340,13 @@ def open_detection_dataset(path: str | os.PathLike, *, split: str | None = "trai
         if path.suffix.lower() != ".json":
             raise DetectionDatasetError(f"{path}: not a detection dataset (expected a folder or a COCO .json file)")
         return open_coco_detection(path, ids=ids, **kwargs)
-    files = {f.stem[len("instances_"):]: f for f in sorted((path / "annotations").glob("instances_*.json"))}
+    files = split_files(path)
     if not files:
-        raise DetectionDatasetError(f"{path}: no annotations/instances_<split>.json (expected a COCO-format folder)")
+        raise DetectionDatasetError(f"{path}: no COCO annotation files (expected annotations/instances_<split>.json, "
+                                    "or train.json + val.json in the folder or in annotations/)")
     split = split or "train"
     if ids is None:
-        if split not in files:
-            raise DetectionDatasetError(f"{path}: no split {split!r} (found: {', '.join(files)})")
-        return open_coco_detection(files[split], **kwargs)
+        return open_coco_detection(files[_pick_split(path, files, split)], **kwargs)
     found: dict[str, DetectionSample] = {}
     categories = None
     for name in sorted(files, key=lambda n: n != split):
@@ -329,4 +366,4 @@ def open_detection_dataset(path: str | os.PathLike, *, split: str | None = "trai
 
 
 __all__ = ["DetectionDataset", "DetectionDatasetError", "DetectionSample", "detection_collate",
-           "open_coco_detection", "open_detection_dataset", "read_coco"]
+           "open_coco_detection", "open_detection_dataset", "read_coco", "split_files"]

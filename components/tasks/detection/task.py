@@ -35,7 +35,8 @@ class DetectionTask(Task):
     metrics = ("mAP", "AP50", "AP75")
     default_metric = "mAP"
     default_baselines = ("ce_smoothl1", "ce_giou")
-    dataset_formats = "COCO instances: a .json file, or a folder with annotations/instances_<split>.json + images"
+    dataset_formats = ("COCO instances: a .json file, or a folder with annotations/instances_<split>.json or "
+                       "train.json + val.json, + images")
 
     @property
     def proxy_config_class(self) -> type:
