@@ -179,6 +179,7 @@ _REGISTRY: dict[str, type[Task]] = {}
 _BUILTIN: dict[str, str] = {
     "segmentation": "components.tasks.segmentation.task",
     "detection": "components.tasks.detection.task",
+    "instance_segmentation": "components.tasks.instance_segmentation.task",
 }
 
 
