@@ -64,8 +64,8 @@ def split(
     seed: int = typer.Option(0, "--seed", help="Random seed of the split."),
     train_split: str = typer.Option("train", "--train-split", help="The dataset's training list."),
     test_split: str = typer.Option("val", "--test-split", help="The dataset's held-out list (final re-training)."),
-    task: str = typer.Option("segmentation", "--task", help="Task whose reader opens the dataset: segmentation "
-                             "or detection."),
+    task: str = typer.Option("segmentation", "--task", help="Task whose reader opens the dataset: segmentation, "
+                             "detection or instance_segmentation."),
 ) -> None:
     """Carve S_eval out of the training images; write the S_train, S_eval and test manifests."""
     from components.tasks.base import get_task

@@ -15,7 +15,8 @@ from flows.cli.search_cmd import PARAMS_OPT, prepare_run, run_and_print
 @user_errors
 def demo(
     params_file: str = PARAMS_OPT,
-    task: Optional[str] = typer.Option(None, help="Task: segmentation or detection (default: params.yaml's)."),
+    task: Optional[str] = typer.Option(None, help="Task: segmentation, detection or instance_segmentation "
+                                                  "(default: params.yaml's)."),
     metric: Optional[str] = typer.Option(None, help="Target metric (default: params.yaml's, or the task's)."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Show Prefect's logs."),
 ) -> None:

@@ -87,9 +87,11 @@ def _run_in_flow(params, stages: tuple[str, ...]) -> dict[str, Any]:
 def search(
     params_file: str = PARAMS_OPT,
     profile: Optional[str] = PROFILE_OPT,
-    task: Optional[str] = typer.Option(None, help="Task: segmentation or detection (default: params.yaml's)."),
+    task: Optional[str] = typer.Option(None, help="Task: segmentation, detection or instance_segmentation "
+                                                  "(default: params.yaml's)."),
     metric: Optional[str] = typer.Option(None, help="Target metric of the task (segmentation: mIoU, BF1, ...; "
-                                                    "detection: mAP, AP50, AP75)."),
+                                                    "detection: mAP, AP50, AP75; "
+                                                    "instance_segmentation: mAP, AP50, AP75, box_mAP)."),
     method: Optional[str] = typer.Option(None, help="evolution (AutoLoss-Zero) or ppo (Auto Seg-Loss)."),
     budget: Optional[int] = typer.Option(None, help="Number of proxy evaluations."),
     workers: Optional[int] = typer.Option(None, help="Proxy trainings in parallel."),

@@ -131,9 +131,14 @@ def _hflip(image: torch.Tensor, target: dict) -> tuple[torch.Tensor, dict]:
     return image.flip(-1), {**target, "boxes": boxes}
 
 
-def training_batches(dataset: Dataset, cfg: ProxyConfig) -> Iterator[tuple[list[torch.Tensor], list[dict]]]:
+FlipFn = Callable[[torch.Tensor, dict], tuple[torch.Tensor, dict]]
+
+
+def training_batches(dataset: Dataset, cfg: ProxyConfig, *, flip_fn: FlipFn = _hflip
+                     ) -> Iterator[tuple[list[torch.Tensor], list[dict]]]:
     """Endless stream of (images, targets) lists: seeded shuffle per epoch, random horizontal flips;
-    deterministic for a given ``cfg.seed``."""
+    deterministic for a given ``cfg.seed``. ``flip_fn(image, target)`` flips one pair (default: image + boxes;
+    instance segmentation also flips the masks); the flip draws do not depend on it."""
     if len(dataset) < cfg.batch_size:
         raise LossforgeError(f"training set has {len(dataset)} images, fewer than proxy.batch_size={cfg.batch_size}")
     shuffle = torch.Generator().manual_seed(cfg.seed)
@@ -145,7 +150,7 @@ def training_batches(dataset: Dataset, cfg: ProxyConfig) -> Iterator[tuple[list[
         for images, targets in loader:
             if cfg.hflip:
                 flip = (torch.rand(len(images), generator=flips) < 0.5).tolist()
-                pairs = [_hflip(i, t) if f else (i, t) for i, t, f in zip(images, targets, flip)]
+                pairs = [flip_fn(i, t) if f else (i, t) for i, t, f in zip(images, targets, flip)]
                 images, targets = [p[0] for p in pairs], [p[1] for p in pairs]
             yield list(images), list(targets)
 
@@ -215,11 +220,12 @@ def _train_step(member: _Member, images, targets, iteration: int, cfg: ProxyConf
 
 
 @torch.no_grad()
-def evaluate_models(models: Mapping[str, nn.Module], dataset, cfg: ProxyConfig, device: torch.device
-                    ) -> dict[str, dict[str, float] | Exception]:
+def evaluate_models(models: Mapping[str, nn.Module], dataset, cfg: ProxyConfig, device: torch.device, *,
+                    make_meter: Callable[[Dataset], object] = BoxMetrics) -> dict[str, dict[str, float] | Exception]:
     """{"mAP", "AP50", "AP75"} of every model on `dataset` (each batch loaded once for all models); a model
-    whose evaluation raises gets the exception instead."""
-    meters = {name: BoxMetrics(dataset) for name in models}
+    whose evaluation raises gets the exception instead. ``make_meter(dataset)`` builds one metric meter per
+    model (``update(ids, outputs)`` / ``compute()``; default ``BoxMetrics``, instance segmentation: ``MaskMetrics``)."""
+    meters = {name: make_meter(dataset) for name in models}
     errors: dict[str, Exception] = {}
     loader = DataLoader(dataset, batch_size=cfg.eval_batch_size, shuffle=False, num_workers=cfg.num_workers,
                         collate_fn=detection_collate)
@@ -256,15 +262,27 @@ def train_proxy(
     target_metric: str = "mAP",
     *,
     on_progress: ProgressCallback | None = None,
+    build_model: Callable[[object, int], nn.Module] = build_detector,
+    loss_type: type = DetectionLoss,
+    set_loss: Callable[[nn.Module, object], nn.Module] = set_detection_loss,
+    metric_name: Callable[[str], str] = canonical_metric_name,
+    batches: Callable[[Dataset, ProxyConfig], Iterator] = training_batches,
+    evaluate: Callable[..., Mapping[str, dict[str, float] | Exception]] = evaluate_models,
 ) -> dict[str, ProxyResult]:
     """Train one detector per loss (same init, same batches), evaluate on `eval_ds`: name → ProxyResult.
 
     ``on_progress(iteration, total, {name: loss value})`` is called after every iteration with the losses of
     the members still training.
+
+    The keyword hooks let a sibling task (instance segmentation) reuse this loop; the defaults are detection's:
+    ``build_model(cfg.model, num_classes)`` builds the template (under ``INIT_LOCK``, after seeding),
+    ``loss_type`` is the accepted loss class, ``set_loss(model, loss)`` installs a loss into a member's copy,
+    ``metric_name`` canonicalises `target_metric`, ``batches(train_ds, cfg)`` is the training stream and
+    ``evaluate(models, eval_ds, cfg, device)`` the shared evaluation (name → metrics dict or exception).
     """
     if not losses:
         raise LossforgeError("train_proxy: no losses given")
-    target_metric = canonical_metric_name(target_metric)
+    target_metric = metric_name(target_metric)
     if len(eval_ds) == 0:
         raise LossforgeError("evaluation set is empty")
     num_classes = int(getattr(train_ds, "num_classes", 0) or 0)
@@ -277,15 +295,16 @@ def train_proxy(
         cpu_convolutions_without_onednn()  # oneDNN convolutions are not safe in concurrent threads (see there)
     with INIT_LOCK:  # seeding + drawing the initial weights from torch's global RNG: one thread at a time
         torch.manual_seed(cfg.seed)
-        template = build_detector(cfg.model, num_classes)
+        template = build_model(cfg.model, num_classes)
     members: list[_Member] = []
     for name, loss in losses.items():
         member = _Member(name, loss, None, None, ProxyResult(name=name, status="ok", target_metric=target_metric))
         try:
-            if not isinstance(loss, DetectionLoss):
-                raise TypeError(f"loss must be a DetectionLoss, got {type(loss).__name__}")
+            if not isinstance(loss, loss_type):
+                article = "an" if loss_type.__name__[:1] in "AEIOU" else "a"
+                raise TypeError(f"loss must be {article} {loss_type.__name__}, got {type(loss).__name__}")
             model = copy.deepcopy(template)
-            set_detection_loss(model, loss)
+            set_loss(model, loss)
             seed_samplers(model, cfg.seed + 2)
             member.model = model.to(device)
             loss.to(device)
@@ -295,11 +314,11 @@ def train_proxy(
         members.append(member)
     del template
     clock = {m.name: 0.0 for m in members}
-    batches = training_batches(train_ds, cfg)
+    stream = batches(train_ds, cfg)
     for iteration in range(1, cfg.iterations + 1):
         if not any(m.active for m in members):
             break
-        images, targets = _to(*next(batches), device)
+        images, targets = _to(*next(stream), device)
         values: dict[str, float] = {}
         for member in members:
             if not member.active:
@@ -316,7 +335,7 @@ def train_proxy(
     alive = {m.name: m.model for m in members if m.active}
     if alive:
         start = time.perf_counter()
-        evaluated = evaluate_models(alive, eval_ds, cfg, device)
+        evaluated = evaluate(alive, eval_ds, cfg, device)
         share = (time.perf_counter() - start) / len(alive)
         for member in members:
             if member.name not in evaluated:
