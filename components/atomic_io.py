@@ -1,4 +1,4 @@
-"""Atomic JSON writes, so a killed process never leaves a half-written state file."""
+"""Atomic writes (JSON and text), so a killed process never leaves a half-written state file."""
 
 from __future__ import annotations
 
@@ -21,6 +21,22 @@ def write_json_atomic(path: str | os.PathLike, obj: Any, indent: int | None = 2)
             json.dump(obj, fh, indent=indent, sort_keys=False)
             fh.flush()
             os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+    """Write `text` to `path` through a temporary file and os.replace (atomic on POSIX)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

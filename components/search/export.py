@@ -17,7 +17,6 @@ from __future__ import annotations
 import inspect
 import keyword
 import os
-import tempfile
 from pathlib import Path
 
 import sympy
@@ -312,16 +311,6 @@ def export_module_source(graph: LossGraph, class_name: str = "SearchedLoss", tar
 def write_module(graph: LossGraph, path: str | os.PathLike, class_name: str = "SearchedLoss", target: str = "label",
                  boundary: str = "avgpool", boundary_width: int = 1) -> Path:
     """Write :func:`export_module_source` to `path` atomically; returns the path."""
-    path = Path(path)
-    source = export_module_source(graph, class_name, target, boundary, boundary_width)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(source)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    from components.atomic_io import write_text_atomic
+
+    return write_text_atomic(path, export_module_source(graph, class_name, target, boundary, boundary_width))

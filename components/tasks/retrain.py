@@ -15,14 +15,13 @@ import dataclasses
 import math
 import os
 import statistics
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 
-from components.atomic_io import write_json_atomic
+from components.atomic_io import write_json_atomic, write_text_atomic
 from components.errors import LossforgeError
 
 TABLE_FORMAT = "lossforge.comparison/1"
@@ -219,22 +218,9 @@ def merge_tables(tables: Sequence[ComparisonTable]) -> ComparisonTable:
     return ComparisonTable(first.target_metric, rows, first.metrics, seeds, dict(first.config))
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def write_table(table: ComparisonTable, md_path: str | os.PathLike, json_path: str | os.PathLike) -> tuple[Path, Path]:
     """Write the table as Markdown and as JSON (both atomically); returns the two paths."""
     md, js = Path(md_path), Path(json_path)
-    _write_text_atomic(md, table.to_markdown())
+    write_text_atomic(md, table.to_markdown())
     write_json_atomic(js, table.to_dict())
     return md, js

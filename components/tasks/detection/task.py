@@ -38,25 +38,28 @@ class DetectionTask(Task):
     dataset_formats = ("COCO instances: a .json file, or a folder with annotations/instances_<split>.json or "
                        "train.json + val.json, + images")
 
+    # the modules this task's pieces come from; instance segmentation (a subclass) points them at its own package
+    package = "components.tasks.detection"
+
+    def _module(self, name: str) -> Any:
+        import importlib
+
+        return importlib.import_module(f"{self.package}.{name}")
+
     @property
     def proxy_config_class(self) -> type:
-        from components.tasks.detection.trainer import ProxyConfig
-
-        return ProxyConfig
+        return self._module("trainer").ProxyConfig
 
     @property
     def retrain_config_class(self) -> type:
-        from components.tasks.detection.trainer import RetrainConfig
-
-        return RetrainConfig
+        return self._module("trainer").RetrainConfig
 
     def canonical_metric(self, name: str) -> str:
-        from components.tasks.detection.metrics import canonical_metric_name
-
         try:
-            return canonical_metric_name(name)
+            return self._module("metrics").canonical_metric_name(name)
         except LossforgeError:
-            raise LossforgeError(f"search.metric: {name!r} is not a detection metric (known: {', '.join(self.metrics)})") from None
+            raise LossforgeError(f"search.metric: {name!r} is not a {self.name} metric "
+                                 f"(known: {', '.join(self.metrics)})") from None
 
     # ------------------------------------------------------------------ data
     def ensure_embedded_data(self, path: str | Path, *, num_train: int, num_test: int, image_size: int,
@@ -71,36 +74,43 @@ class DetectionTask(Task):
         return open_detection_dataset(path, split=split or "train", ids=ids)
 
     # ------------------------------------------------------------------ losses
+    graph_loss = "GraphDetectionLoss"  # the `losses` module's class that trains a searched graph
+
     def build_loss(self, spec: str | Mapping[str, Any], dataset: Any = None):
         from components.search.graph import LossGraph
-        from components.tasks.detection.losses import BASELINES, GraphDetectionLoss, baseline_loss
 
+        losses = self._module("losses")
+        graph_loss = getattr(losses, self.graph_loss)
+        what = f"{self.name.replace('_', ' ')} loss"
         if isinstance(spec, LossGraph):
-            return GraphDetectionLoss(spec)
+            return graph_loss(self._task_graph(spec))
         if isinstance(spec, (str, Path)):
             text = str(spec)
-            if text in BASELINES:
-                return baseline_loss(text)
+            if text in losses.BASELINES:
+                return losses.baseline_loss(text)
             if text.endswith(".json") or Path(text).is_file():
                 spec = {"type": "graph", "path": text}
             else:
-                raise LossforgeError(f"detection loss {text!r} unknown; known: {', '.join(BASELINES)}, "
+                raise LossforgeError(f"{what} {text!r} unknown; known: {', '.join(losses.BASELINES)}, "
                                      "a loss JSON path, or {type: graph, ...}")
         if not isinstance(spec, Mapping) or not isinstance(spec.get("type"), str):
-            raise LossforgeError(f"detection loss spec must be a name or a dict with a 'type', got {spec!r}")
+            raise LossforgeError(f"{what} spec must be a name or a dict with a 'type', got {spec!r}")
         kind = spec["type"]
         if kind != "graph":
             extra = [k for k in spec if k != "type"]
             if extra:
-                raise LossforgeError(f"detection loss {kind!r} takes no arguments, got {', '.join(map(str, extra))}")
-            return baseline_loss(kind)
+                raise LossforgeError(f"{what} {kind!r} takes no arguments, got {', '.join(map(str, extra))}")
+            return losses.baseline_loss(kind)
         unknown = [k for k in spec if k not in GRAPH_KEYS]
         if unknown:
             raise LossforgeError(f"loss type 'graph': unknown key(s) {', '.join(map(str, unknown))} (accepted: graph, path)")
-        graph = self._graph(spec)
-        if graph.task != "detection":
-            raise LossforgeError(f"loss type 'graph': the graph's task is {graph.task!r}, expected 'detection'")
-        return GraphDetectionLoss(graph)
+        return graph_loss(self._task_graph(self._graph(spec)))
+
+    def _task_graph(self, graph: Any) -> Any:
+        """`graph` if it is a loss of this task (else a one-line error)."""
+        if graph.task != self.name:
+            raise LossforgeError(f"loss type 'graph': the graph's task is {graph.task!r}, expected {self.name!r}")
+        return graph
 
     @staticmethod
     def _graph(spec: Mapping[str, Any]):
@@ -123,25 +133,22 @@ class DetectionTask(Task):
                           branches: Sequence[str] | None = None):
         import dataclasses
 
-        from components.tasks.detection.losses import BRANCHES
-        from components.tasks.detection.probe import build_screening_problem
-
+        build = self._module("probe").build_screening_problem
         metric = self.canonical_metric(metric)
-        problem = build_screening_problem(dataset, metric, samples=samples, size=size, seed=seed, branches=branches)
+        problem = build(dataset, metric, samples=samples, size=size, seed=seed, branches=branches)
         if branches is not None:
             return problem
-        # the search screens each branch on its own probe, the others at their targets (paper A.2)
-        per_branch = {b: build_screening_problem(dataset, metric, samples=samples, size=size, seed=seed, branches=(b,))
-                      for b in BRANCHES}
+        # the search screens each branch on its own probe, the others at their targets (paper A.2, A.3)
+        per_branch = {b: build(dataset, metric, samples=samples, size=size, seed=seed, branches=(b,))
+                      for b in self._module("losses").BRANCHES}
         return dataclasses.replace(problem, branch_problems=per_branch)
 
     # ------------------------------------------------------------------ training
     def train_proxy(self, losses: Mapping[str, Any], train_ds: Any, eval_ds: Any, config: Any, metric: str,
                     *, on_progress: ProgressCallback | None = None) -> dict[str, ProxyResult]:
-        from components.tasks.detection.trainer import ProxyConfig, train_proxy
-
-        return train_proxy(losses, train_ds, eval_ds, config if config is not None else ProxyConfig(),
-                           self.canonical_metric(metric), on_progress=on_progress)
+        trainer = self._module("trainer")
+        return trainer.train_proxy(losses, train_ds, eval_ds, config if config is not None else trainer.ProxyConfig(),
+                                   self.canonical_metric(metric), on_progress=on_progress)
 
 
 __all__ = ["DetectionTask"]

@@ -18,11 +18,11 @@ Decisions:
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Sequence
 
 from components.errors import LossforgeError
-from components.tasks.base import ProgressCallback, ProxyResult, register_task
-from components.tasks.detection.task import GRAPH_KEYS, DetectionTask
+from components.tasks.base import register_task
+from components.tasks.detection.task import DetectionTask
 
 
 @register_task
@@ -36,26 +36,7 @@ class InstanceSegmentationTask(DetectionTask):
     dataset_formats = ("COCO instances with segmentations: a .json file, or a folder with "
                        "annotations/instances_<split>.json + images")
 
-    @property
-    def proxy_config_class(self) -> type:
-        from components.tasks.instance_segmentation.trainer import ProxyConfig
-
-        return ProxyConfig
-
-    @property
-    def retrain_config_class(self) -> type:
-        from components.tasks.instance_segmentation.trainer import RetrainConfig
-
-        return RetrainConfig
-
-    def canonical_metric(self, name: str) -> str:
-        from components.tasks.instance_segmentation.metrics import canonical_metric_name
-
-        try:
-            return canonical_metric_name(name)
-        except LossforgeError:
-            raise LossforgeError(f"search.metric: {name!r} is not an instance_segmentation metric "
-                                 f"(known: {', '.join(self.metrics)})") from None
+    package = "components.tasks.instance_segmentation"  # trainer, metrics, probe, losses of this package
 
     # ------------------------------------------------------------------ data
     def open_dataset(self, path: str | Path, *, split: str | None = None, ids: Sequence[str] | None = None) -> Any:
@@ -64,36 +45,10 @@ class InstanceSegmentationTask(DetectionTask):
         return open_instance_dataset(path, split=split or "train", ids=ids)
 
     # ------------------------------------------------------------------ losses
-    def build_loss(self, spec: str | Mapping[str, Any], dataset: Any = None):
-        from components.search.graph import LossGraph
-        from components.tasks.instance_segmentation.losses import BASELINES, GraphInstanceLoss, baseline_loss
+    graph_loss = "GraphInstanceLoss"
 
-        if isinstance(spec, LossGraph):
-            return GraphInstanceLoss(self._as_instance_graph(spec))
-        if isinstance(spec, (str, Path)):
-            text = str(spec)
-            if text in BASELINES:
-                return baseline_loss(text)
-            if text.endswith(".json") or Path(text).is_file():
-                spec = {"type": "graph", "path": text}
-            else:
-                raise LossforgeError(f"instance segmentation loss {text!r} unknown; known: {', '.join(BASELINES)}, "
-                                     "a loss JSON path, or {type: graph, ...}")
-        if not isinstance(spec, Mapping) or not isinstance(spec.get("type"), str):
-            raise LossforgeError(f"instance segmentation loss spec must be a name or a dict with a 'type', got {spec!r}")
-        kind = spec["type"]
-        if kind != "graph":
-            extra = [k for k in spec if k != "type"]
-            if extra:
-                raise LossforgeError(f"instance segmentation loss {kind!r} takes no arguments, got {', '.join(map(str, extra))}")
-            return baseline_loss(kind)
-        unknown = [k for k in spec if k not in GRAPH_KEYS]
-        if unknown:
-            raise LossforgeError(f"loss type 'graph': unknown key(s) {', '.join(map(str, unknown))} (accepted: graph, path)")
-        return GraphInstanceLoss(self._as_instance_graph(self._graph(spec)))
-
-    @staticmethod
-    def _as_instance_graph(graph):
+    def _task_graph(self, graph: Any) -> Any:
+        """A detection graph trains here too (its four branches, the mask branch with the default loss)."""
         from components.search.graph import LossGraph
 
         if graph.task == "detection":  # the same four branches with the same inputs
@@ -101,31 +56,6 @@ class InstanceSegmentationTask(DetectionTask):
         if graph.task != "instance_segmentation":
             raise LossforgeError(f"loss type 'graph': the graph's task is {graph.task!r}, expected 'instance_segmentation'")
         return graph
-
-    # ------------------------------------------------------------------ search
-    def screening_problem(self, dataset: Any, metric: str, *, samples: int, size: int, seed: int,
-                          branches: Sequence[str] | None = None):
-        import dataclasses
-
-        from components.tasks.instance_segmentation.losses import BRANCHES
-        from components.tasks.instance_segmentation.probe import build_screening_problem
-
-        metric = self.canonical_metric(metric)
-        problem = build_screening_problem(dataset, metric, samples=samples, size=size, seed=seed, branches=branches)
-        if branches is not None:
-            return problem
-        # the search screens each branch on its own probe, the others at their targets (paper A.2, A.3)
-        per_branch = {b: build_screening_problem(dataset, metric, samples=samples, size=size, seed=seed, branches=(b,))
-                      for b in BRANCHES}
-        return dataclasses.replace(problem, branch_problems=per_branch)
-
-    # ------------------------------------------------------------------ training
-    def train_proxy(self, losses: Mapping[str, Any], train_ds: Any, eval_ds: Any, config: Any, metric: str,
-                    *, on_progress: ProgressCallback | None = None) -> dict[str, ProxyResult]:
-        from components.tasks.instance_segmentation.trainer import ProxyConfig, train_proxy
-
-        return train_proxy(losses, train_ds, eval_ds, config if config is not None else ProxyConfig(),
-                           self.canonical_metric(metric), on_progress=on_progress)
 
 
 __all__ = ["InstanceSegmentationTask"]
