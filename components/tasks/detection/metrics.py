@@ -53,28 +53,37 @@ def detections_to_coco(image_ids: Sequence[int], outputs: Sequence[Mapping[str, 
     return results
 
 
-def coco_box_metrics(ground_truth: Mapping, results: list[dict]) -> dict[str, float]:
-    """{"mAP", "AP50", "AP75"} of COCO `results` against the COCO dict `ground_truth` (pycocotools COCOeval)."""
+def coco_metrics(ground_truth: Mapping, results: list[dict], iou_type: str = "bbox",
+                 names: Sequence[str] = METRIC_NAMES) -> dict[str, float]:
+    """`names` (the first COCOeval stats: AP, AP50, AP75) of COCO `results` against the COCO dict `ground_truth`
+    (pycocotools COCOeval, `iou_type` "bbox" or "segm"); NaN without annotations, 0 without results. The inputs
+    are copied: COCO.loadRes and createIndex modify what they are given."""
+    import copy
+
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
 
     if not ground_truth.get("annotations"):
-        return {name: math.nan for name in METRIC_NAMES}
+        return {name: math.nan for name in names}
     if not results:
-        return {name: 0.0 for name in METRIC_NAMES}
-    quiet = io.StringIO()
-    with contextlib.redirect_stdout(quiet):
+        return {name: 0.0 for name in names}
+    with contextlib.redirect_stdout(io.StringIO()):
         gt = COCO()
-        gt.dataset = {k: list(v) if isinstance(v, list) else v for k, v in ground_truth.items()}
+        gt.dataset = copy.deepcopy(dict(ground_truth))
         gt.createIndex()
-        dt = gt.loadRes(results)
-        ev = COCOeval(gt, dt, iouType="bbox")
+        dt = gt.loadRes(copy.deepcopy(results))
+        ev = COCOeval(gt, dt, iouType=iou_type)
         ev.params.imgIds = sorted(gt.getImgIds())
         ev.evaluate()
         ev.accumulate()
         ev.summarize()
     stats = ev.stats
-    return {name: (float(stats[k]) if stats[k] >= 0 else math.nan) for k, name in enumerate(METRIC_NAMES)}
+    return {name: (float(stats[k]) if stats[k] >= 0 else math.nan) for k, name in enumerate(names)}
+
+
+def coco_box_metrics(ground_truth: Mapping, results: list[dict]) -> dict[str, float]:
+    """{"mAP", "AP50", "AP75"} of COCO box `results` against the COCO dict `ground_truth`."""
+    return coco_metrics(ground_truth, results, "bbox")
 
 
 class BoxMetrics:

@@ -13,10 +13,6 @@ Decisions:
 
 from __future__ import annotations
 
-import contextlib
-import copy
-import io
-import math
 from typing import Iterable, Mapping, Sequence
 
 import numpy as np
@@ -71,26 +67,9 @@ def masks_to_coco(image_ids: Sequence[int], outputs: Sequence[Mapping[str, Tenso
 
 def coco_segm_metrics(ground_truth: Mapping, results: list[dict]) -> dict[str, float]:
     """{"mAP", "AP50", "AP75"} (masks) of COCO segm `results` against the COCO dict `ground_truth`."""
-    from pycocotools.coco import COCO
-    from pycocotools.cocoeval import COCOeval
+    from components.tasks.detection.metrics import coco_metrics
 
-    names = METRIC_NAMES[:3]
-    if not ground_truth.get("annotations"):
-        return {name: math.nan for name in names}
-    if not results:
-        return {name: 0.0 for name in names}
-    with contextlib.redirect_stdout(io.StringIO()):
-        gt = COCO()
-        gt.dataset = copy.deepcopy(dict(ground_truth))
-        gt.createIndex()
-        dt = gt.loadRes(copy.deepcopy(results))
-        ev = COCOeval(gt, dt, iouType="segm")
-        ev.params.imgIds = sorted(gt.getImgIds())
-        ev.evaluate()
-        ev.accumulate()
-        ev.summarize()
-    stats = ev.stats
-    return {name: (float(stats[k]) if stats[k] >= 0 else math.nan) for k, name in enumerate(names)}
+    return coco_metrics(ground_truth, results, "segm", METRIC_NAMES[:3])
 
 
 class MaskMetrics:
