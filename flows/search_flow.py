@@ -26,7 +26,8 @@ from components.atomic_io import write_json_atomic
 from components.errors import LossforgeError
 from components.params import Params
 from flows import progress
-from components.search.method import SearchMethod, make_method
+from components.search.method import SearchMethod, make_method, method_names
+from components.tasks.base import all_metric_names, task_names
 from flows.methods import log_method_tracking
 from flows.run_config import data_spec, losses_dir, make_tracker, reports_dir, resolve_params, state_dir  # noqa: F401
 from flows.task_runners import make_task_runner
@@ -37,6 +38,10 @@ if TYPE_CHECKING:
     from flows.tracking import SearchTracker
 
 Runner = Literal["threads", "processes", "ray", "dask"]
+# the Prefect UI's form offers the registered tasks, metrics and methods as choices (read from the registries)
+TaskName = Literal[tuple(task_names())]  # type: ignore[valid-type]
+MetricName = Literal[tuple(all_metric_names())]  # type: ignore[valid-type]
+MethodName = Literal[tuple(method_names())]  # type: ignore[valid-type]
 
 
 # ------------------------------------------------------------------------------------------ parameters
@@ -340,9 +345,9 @@ def write_search_outputs(params: Params, method: SearchMethod, timeline: Timelin
 # ------------------------------------------------------------------------------------------ pipeline
 @flow(name="lossforge-search", log_prints=True)
 def search_pipeline(
-    task: Optional[str] = None,
-    metric: Optional[str] = None,
-    method: Optional[str] = None,
+    task: Optional[TaskName] = None,
+    metric: Optional[MetricName] = None,
+    method: Optional[MethodName] = None,
     budget: Optional[int] = None,
     workers: Optional[int] = None,
     runner: Optional[Runner] = None,

@@ -201,6 +201,14 @@ def task_names() -> list[str]:
     return sorted(names)
 
 
+def all_metric_names() -> list[str]:
+    """Every metric name of every available task, in task order without repeats (for forms such as the Prefect UI)."""
+    out: list[str] = []
+    for name in task_names():
+        out.extend(m for m in get_task(name).metrics if m not in out)
+    return out
+
+
 def get_task(name: str) -> Task:
     """The task registered under `name` (built-in tasks are imported on first use)."""
     if name not in _REGISTRY and name in _BUILTIN:
@@ -215,4 +223,4 @@ def get_task(name: str) -> Task:
     return cls()
 
 
-__all__ = ["ProgressCallback", "ProxyResult", "Task", "get_task", "register_task", "task_names"]
+__all__ = ["ProgressCallback", "ProxyResult", "Task", "all_metric_names", "get_task", "register_task", "task_names"]
