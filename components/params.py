@@ -19,6 +19,7 @@ import dataclasses
 import hashlib
 import importlib
 import json
+import typing
 from pathlib import Path
 from typing import Any, Literal, Mapping
 
@@ -45,8 +46,29 @@ class ParamsError(LossforgeError):
     """A malformed or invalid params.yaml (message names the file and the field)."""
 
 
+def _takes_bool_as_number(annotation: Any) -> bool:
+    """True for a numeric annotation (int, float, int | None, int | str, ...) that does not name bool: pydantic's lax
+    mode reads YAML's `true` there as 1 (`budget: true` ran a 1-evaluation search)."""
+    args = typing.get_args(annotation) or (annotation,)
+    return bool not in args and any(a in (int, float) for a in args)
+
+
+def _reject_bools(values: Any, types: Mapping[str, Any], where: str) -> None:
+    if isinstance(values, Mapping):
+        for key, value in values.items():
+            if isinstance(value, bool) and key in types and _takes_bool_as_number(types[key]):
+                raise ParamsError(f"{where}.{key}: expected a number (got {value!r})")
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        if isinstance(value, bool) and _takes_bool_as_number(cls.model_fields[info.field_name].annotation):
+            raise ValueError("expected a number")
+        return value
 
 
 class DataParams(_Section):
@@ -77,6 +99,16 @@ class SplitParams(_Section):
         return self
 
 
+class ResourceParams(_Section):
+    """What one proxy-training task (one wave of `search.losses_per_training` losses) asks of a ray or dask
+    cluster; unset: the runner's default (ray: 1 CPU; dask: one worker thread). Ray maps them to the task's
+    `num_cpus` / `num_gpus` (fractions share a GPU); dask to the worker resources `CPU` / `GPU`, which the
+    workers must offer (`dask worker --resources "GPU=1,CPU=4"`). The threads and processes runners ignore them."""
+
+    cpus: float | None = Field(None, gt=0)
+    gpus: float | None = Field(None, ge=0)
+
+
 class SearchParams(_Section):
     """What to search for and how the search is run."""
 
@@ -87,6 +119,10 @@ class SearchParams(_Section):
     workers: int = Field(1, gt=0)
     losses_per_training: int = Field(1, gt=0)
     runner: Literal["threads", "processes", "ray", "dask"] = "threads"
+    # ray / dask: the cluster to join (dask scheduler `tcp://host:8786`; ray `auto`, `host:6379` or
+    # `ray://host:10001`); empty: a local cluster of `workers` slots for the duration of the search
+    address: str = ""
+    resources: ResourceParams = ResourceParams()
     seed: int = 0
     out_dir: str = "losses"
     state_dir: str = ".lossforge/runs"
@@ -122,6 +158,17 @@ class SearchParams(_Section):
         metrics = get_task(task_name).metrics
         if value not in metrics:
             raise ValueError(f"unknown metric, expected one of {', '.join(metrics)} ({task_name})")
+        return value
+
+    @field_validator("address")
+    @classmethod
+    def _cluster_address(cls, value: str, info: ValidationInfo) -> str:
+        value = value.strip()
+        if any(c.isspace() for c in value):
+            raise ValueError("expected one cluster address such as tcp://host:8786 or ray://host:10001")
+        if value and info.data.get("runner") in ("threads", "processes"):
+            raise ValueError(f"only the ray and dask runners join a cluster (search.runner is "
+                             f"{info.data['runner']!r}); remove it or set search.runner")
         return value
 
 
@@ -176,7 +223,8 @@ class Params(BaseModel):
         keep = {
             "data": self.data.model_dump(),
             "split": self.split.model_dump(),
-            "search": self.search.model_dump(exclude={"workers", "runner", "out_dir", "state_dir", "task_retries"}),
+            "search": self.search.model_dump(exclude={"workers", "runner", "address", "resources", "out_dir",
+                                                      "state_dir", "task_retries"}),
             "evolution": self.evolution,
             "screening": self.screening,
             # proxy.seeds only sets the seeds of the proxy baselines (stored per seed): not a new search
@@ -240,6 +288,7 @@ def _build_dataclass(cls: type, values: Mapping[str, Any], where: str) -> Any:
     for key, value in values.items():
         if key not in names:
             raise ParamsError(f"{where}.{key}: unknown field (known: {', '.join(sorted(names))})")
+    _reject_bools(values, typing.get_type_hints(cls), where)
     try:
         checked = TypeAdapter(cls).validate_python(dict(values))
     except ValidationError as exc:
@@ -357,6 +406,8 @@ def parse_params(raw: Any, source: str = "params.yaml", profile: str | None = No
     if not isinstance(profiles, Mapping):
         raise ParamsError(f"{source}: profiles: expected a mapping of profile names (got {profiles!r})")
     name = profile if profile is not None else raw.get("profile", "paper")
+    if name is not None and not isinstance(name, str):
+        raise ParamsError(f"{source}: profile: expected a profile name (got {name!r})")
     base = {k: v for k, v in raw.items() if k != "profiles"}
     if name not in (None, "paper"):
         if name not in profiles:
@@ -393,10 +444,18 @@ def load_params(path: str | Path = "params.yaml", profile: str | None = None) ->
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ParamsError(f"{path}: file not found") from None
+    except IsADirectoryError:
+        raise ParamsError(f"{path}: is a folder, expected a params.yaml file") from None
+    except UnicodeDecodeError as exc:
+        raise ParamsError(f"{path}: not UTF-8 text (byte {exc.start}: {exc.reason})") from None
+    except OSError as exc:
+        raise ParamsError(f"{path}: cannot read ({exc.strerror or exc})") from None
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
         raise ParamsError(f"{path}: invalid YAML{where} ({getattr(exc, 'problem', exc)})") from None
+    if raw is None:  # an empty file silently ran the paper profile on a GPU-sized budget
+        raise ParamsError(f"{path}: file is empty (expected sections such as search:, data:, profile:)")
     return parse_params(raw, source=path.name if path.name == "params.yaml" else str(path), profile=profile)

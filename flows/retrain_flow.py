@@ -33,8 +33,10 @@ def retrain_task(loss_specs: dict[str, Any], data: dict[str, str], cfg: Any, met
     train_ds = open_split(data["path"], [data["train"], data["eval"]], task_.name)
     test_ds = open_split(data["path"], data["test"], task_.name)
     losses = {name: task_.build_loss(spec, train_ds) for name, spec in loss_specs.items()}
+    from flows.stopping import stop_check  # Ctrl-C / SIGTERM: stop at the next iteration
+
     table = task_.retrain(losses, train_ds, test_ds, cfg, metric, seeds=seeds,
-                          on_progress=lambda it, total, *_: progress.emit("retrain", done=it, total=total))
+                          on_progress=stop_check(lambda it, total, *_: progress.emit("retrain", done=it, total=total)))
     write_table(table, Path(md_path), Path(json_path))
     return read_json(json_path)
 

@@ -6,9 +6,10 @@ not given comes from params.yaml (with its profile).
 
 The search loop (`search_loop_flow`) is steady-state: it keeps `search.workers` proxy trainings running
 through the configured task runner while the main thread generates and screens the next candidates;
-each result is written to disk by the training task itself, then reported to the search method, the
-search state is checkpointed (atomic JSON) and the MLflow tracker logs what is new. Re-running with the
-same parameters resumes from the checkpoint: finished evaluations are read back, never trained again.
+each result is written to disk by the training task itself, then reported to the search method (in hand-out
+order, so the run is reproducible from its seed), the search state is checkpointed (atomic JSON) and the MLflow
+tracker logs what is new. Re-running with the same parameters resumes from the checkpoint: finished evaluations
+are read back, never trained again, and told in the same turn as in an uninterrupted run (tested).
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ from typing import TYPE_CHECKING, Any, Literal, Optional
 
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
-from prefect.futures import as_completed
 
 from components.atomic_io import write_json_atomic
 from components.errors import LossforgeError
@@ -30,7 +30,7 @@ from components.search.method import SearchMethod, make_method, method_names
 from components.tasks.base import all_metric_names, task_names
 from flows.methods import log_method_tracking
 from flows.run_config import data_spec, losses_dir, make_tracker, reports_dir, resolve_params, state_dir  # noqa: F401
-from flows.task_runners import make_task_runner
+from flows.task_runners import runner_for, share_api_with_workers
 from flows.tasks import open_split, prepare_data, proxy_training, read_result, split_dataset
 from flows.timing import Timeline
 
@@ -111,6 +111,14 @@ def _tracker_record(method: SearchMethod, record: dict[str, Any], folder: Path) 
         "loss_json": str(json_path),
         "module_py": str(py_path),
     }
+
+
+class _ReadBack:
+    """Results of a hand-out that finished before a kill, read back from disk: it takes a training slot and
+    is told in its turn, exactly where the uninterrupted run told it."""
+
+    def __init__(self, results: list[dict[str, Any]]):
+        self.results = results
 
 
 def _failed(cands: list[dict[str, Any]], exc: BaseException) -> list[dict[str, Any]]:
@@ -214,8 +222,8 @@ def search_loop_flow(params: Params, data: dict[str, str]) -> dict[str, Any]:
             if not cands:
                 break
             stored = [read_result(state, c["id"], c["hash"]) for c in cands]
-            if all(s is not None for s in stored):  # finished before a kill: never trained again
-                record_results(stored)
+            if all(s is not None for s in stored):  # finished before a kill: never trained again, and told
+                in_flight[_ReadBack(stored)] = cands  # in its turn, as the uninterrupted run told it
                 continue
             future = proxy_training.with_options(retries=params.search.task_retries, retry_delay_seconds=1).submit(
                 [{"id": c["id"], "hash": c["hash"], "loss": c["loss"]} for c in cands],
@@ -224,10 +232,13 @@ def search_loop_flow(params: Params, data: dict[str, str]) -> dict[str, Any]:
             in_flight[future] = cands
         if not in_flight:
             break
-        future = next(as_completed(list(in_flight)))
+        # results are told in hand-out order, not as they finish: what the method breeds next never depends on
+        # which training happened to end first, so a run is reproducible from its seed (and a resumed run
+        # takes the uninterrupted run's path). Cost: a slot that frees early waits for the older training.
+        future = next(iter(in_flight))
         cands = in_flight.pop(future)
         try:
-            results = future.result()
+            results = future.results if isinstance(future, _ReadBack) else future.result()
         except Exception as exc:  # retries used up: record as failed, the search goes on
             logger.warning("proxy training of %s failed: %s", [c["id"] for c in cands], exc)
             results = _failed(cands, exc)
@@ -252,16 +263,6 @@ def search_loop_flow(params: Params, data: dict[str, str]) -> dict[str, Any]:
         log_method_tracking(method, tracker, final=True)
         tracker.finish()
     return summary
-
-
-def _share_api_url_with_workers() -> None:
-    """Worker processes must talk to this process's Prefect API (the embedded server when none is set)."""
-    if os.environ.get("PREFECT_API_URL"):
-        return
-    from prefect.client.orchestration import get_client
-
-    with get_client(sync_client=True) as client:
-        os.environ["PREFECT_API_URL"] = str(client.api_url).rstrip("/")
 
 
 def _torch_threads(value: int | None = None) -> int:
@@ -365,10 +366,14 @@ def search_pipeline(
     """
     params = resolve_params(params_file, profile, metric, method, budget, workers, runner, dataset, tracking_uri,
                             task=task)
-    return run_stages(params, STAGES if retrain else tuple(s for s in STAGES if s != "retrain"))
+    stages = STAGES if retrain else tuple(s for s in STAGES if s != "retrain")
+    from flows.run_config import check_inputs
+
+    check_inputs(params, stages)  # a deployment run checks settings and every data file as the CLI does, first
+    return run_stages(params, stages)
 
 
-STAGES = ("prepare", "split", "search", "retrain", "report")
+from flows.run_config import STAGES  # noqa: E402 (re-exported: the stages in order)
 
 
 def run_stages(params: Params, stages: tuple[str, ...] = STAGES) -> dict[str, Any]:
@@ -379,6 +384,7 @@ def run_stages(params: Params, stages: tuple[str, ...] = STAGES) -> dict[str, An
     t0 = time.time()
     out: dict[str, Any] = {"search_id": params.search_id}
     data: dict[str, str] | None = None
+    runner = runner_for(params.search) if "search" in stages else None  # a cluster that does not answer: now
     for stage in STAGES:
         if stage not in stages:
             continue
@@ -388,10 +394,8 @@ def run_stages(params: Params, stages: tuple[str, ...] = STAGES) -> dict[str, An
         elif stage == "split":
             data = split_flow(params)
         elif stage == "search":
-            if params.search.runner == "processes":
-                _share_api_url_with_workers()
-            runner = make_task_runner(params.search.runner, params.search.workers)
-            out["search"] = search_loop_flow.with_options(task_runner=runner)(params, data or data_spec(params))
+            with share_api_with_workers(params.search.runner):  # processes, dask and ray workers: same API
+                out["search"] = search_loop_flow.with_options(task_runner=runner)(params, data or data_spec(params))
         elif stage == "retrain":
             out["retrain"] = retrain_flow(params, data or data_spec(params))
         elif stage == "report":

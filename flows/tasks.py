@@ -101,14 +101,20 @@ def proxy_training(
     `candidates`: [{"id", "hash", "loss" (a build_loss spec)}]; `data`: {"path", "train", "eval", "task"}
     (task: a registered task name, default segmentation). A loss that cannot be built is reported
     "failed" (never raises for a bad candidate); an exception of the training itself propagates, so the
-    task's retries apply, and the flow records "failed" once they are used up.
+    task's retries apply, and the flow records "failed" once they are used up. When a loss stopped on a
+    non-finite value, the task run ends in a Completed state named "NaN-stopped" (same records as its result).
     """
     import torch
 
     from components.tasks.base import get_task
 
     task = get_task(data.get("task", "segmentation"))
-    if torch_threads:  # share the CPU cores between the parallel trainings
+    from flows.stopping import check_stop, stop_check
+
+    check_stop()  # submitted just before a Ctrl-C: do not start
+    if torch_threads:  # share the CPU cores between the parallel trainings. OpenMP keeps the count per thread
+        # (measured), so this fixes this training thread's count, the same for every training of a search:
+        # results do not depend on what the flow's thread or another training set meanwhile
         torch.set_num_threads(torch_threads)
 
     train_ds, eval_ds = _datasets(data["path"], data["train"], data["eval"], task.name)
@@ -121,7 +127,8 @@ def proxy_training(
                                         "seconds": 0.0, "message": f"invalid loss: {exc}"}
     started = time.time()
     if losses:
-        out = task.train_proxy(losses, train_ds, eval_ds, proxy_config, metric)
+        # Ctrl-C / SIGTERM: SearchStopped at the next iteration, no result written (flows/stopping.py)
+        out = task.train_proxy(losses, train_ds, eval_ds, proxy_config, metric, on_progress=stop_check())
         for name, res in out.items():
             results[name] = res.to_dict()  # JSON-able; components.tasks.base.ProxyResult.from_dict reads it back
     finished = time.time()
@@ -131,4 +138,21 @@ def proxy_training(
                       started=started, finished=finished)
         write_json_atomic(result_path(state_dir, cand["id"], cand["hash"]), record)
         stored.append(record)
-    return stored
+    return _finished_state(stored)
+
+
+NAN_STOPPED_STATE = "NaN-stopped"
+
+
+def _finished_state(stored: list[dict[str, Any]]) -> Any:
+    """The records, as a Completed state named "NaN-stopped" when a training stopped on a non-finite loss.
+
+    A NaN stop is a result, not a crash (no retry, the flow goes on), so the state type stays COMPLETED
+    and `future.result()` still returns the records; only the name tells the Prefect UI what happened."""
+    nan_ids = [r["id"] for r in stored if r.get("status") == "nan"]
+    if not nan_ids:
+        return stored
+    from prefect.states import Completed
+
+    return Completed(name=NAN_STOPPED_STATE, data=stored,
+                     message=f"{len(nan_ids)} of {len(stored)} losses stopped on a non-finite loss: {nan_ids}")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, TypeVar
@@ -36,6 +37,54 @@ def resolve_tracking_uri(uri: str, root: str | Path = ".") -> str:
         path.parent.mkdir(parents=True, exist_ok=True)
         return f"sqlite:///{path}"
     return uri
+
+
+_DATABASE_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql")
+
+
+def _is_database_uri(uri: str) -> bool:
+    return uri.split(":", 1)[0].split("+", 1)[0] in _DATABASE_SCHEMES
+
+
+def create_experiment(client: MlflowClient, tracking_uri: str, name: str,
+                      artifact_root: str | Path | None = None) -> str:
+    """Create the experiment `name` with its artifacts in `<artifact_root>/<name>`; returns its id.
+
+    MLflow stores artifact locations as absolute paths, so a moved or copied project folder would read (or
+    write) the artifacts of the old folder. With a database store and a relative `artifact_root` (the default
+    `mlruns/artifacts`), the location is rewritten to the relative path right after creation: MLflow resolves
+    a relative artifact URI against the working directory, which is the project folder for `lossforge` and
+    for `mlflow ui` started there. An absolute `artifact_root` stays absolute; an MLflow server (http://)
+    chooses its own location (`--artifacts-destination`)."""
+    location, relative = None, None
+    if artifact_root is not None and not tracking_uri.startswith(("http://", "https://")):
+        folder = Path(artifact_root) / name
+        folder.resolve().mkdir(parents=True, exist_ok=True)
+        location = folder.resolve().as_uri()
+        if not Path(artifact_root).is_absolute() and _is_database_uri(tracking_uri):
+            relative = Path(os.path.normpath(folder)).as_posix()
+    try:
+        experiment_id = with_retries(lambda: client.create_experiment(name, artifact_location=location),
+                                     "create experiment")
+    except MlflowException:  # created concurrently (by the creator, who also made its location relative)
+        return client.get_experiment_by_name(name).experiment_id
+    if relative is not None:
+        with_retries(lambda: _set_artifact_location(tracking_uri, experiment_id, relative), "set artifact location")
+    return experiment_id
+
+
+def _set_artifact_location(tracking_uri: str, experiment_id: str, location: str) -> None:
+    """Store `location` as the experiment's artifact location (MLflow's API has no call for it; the column
+    is part of MLflow's versioned database schema). Runs created afterwards inherit it."""
+    import sqlalchemy
+
+    engine = sqlalchemy.create_engine(tracking_uri)
+    try:
+        with engine.begin() as conn:
+            conn.execute(sqlalchemy.text("UPDATE experiments SET artifact_location = :loc WHERE experiment_id = :id"),
+                         {"loc": location, "id": int(experiment_id)})
+    finally:
+        engine.dispose()
 
 
 def with_retries(fn: Callable[[], T], what: str, attempts: int = 8, delay: float = 0.25) -> T:
@@ -106,18 +155,8 @@ class SearchTracker:
         """Find or create the experiment and the parent run (resuming one left by an earlier attempt)."""
         exp = with_retries(lambda: self.client.get_experiment_by_name(self.experiment_name), "get experiment")
         if exp is None:
-            location = None
-            if self.artifact_root is not None and not self.tracking_uri.startswith(("http://", "https://")):
-                folder = Path(self.artifact_root).resolve() / self.experiment_name
-                folder.mkdir(parents=True, exist_ok=True)
-                location = folder.as_uri()
-            try:
-                self.experiment_id = with_retries(
-                    lambda: self.client.create_experiment(self.experiment_name, artifact_location=location),
-                    "create experiment",
-                )
-            except MlflowException:  # created concurrently
-                self.experiment_id = self.client.get_experiment_by_name(self.experiment_name).experiment_id
+            self.experiment_id = create_experiment(self.client, self.tracking_uri, self.experiment_name,
+                                                   self.artifact_root)
         else:
             self.experiment_id = exp.experiment_id
             if exp.lifecycle_stage == "deleted":
@@ -345,16 +384,7 @@ def log_comparison(
     client = MlflowClient(tracking_uri=tracking_uri)
     exp = with_retries(lambda: client.get_experiment_by_name(experiment), "get experiment")
     if exp is None:
-        location = None
-        if artifact_root is not None and not tracking_uri.startswith(("http://", "https://")):
-            folder = Path(artifact_root).resolve() / experiment
-            folder.mkdir(parents=True, exist_ok=True)
-            location = folder.as_uri()
-        try:
-            experiment_id = with_retries(lambda: client.create_experiment(experiment, artifact_location=location),
-                                         "create experiment")
-        except MlflowException:  # created concurrently
-            experiment_id = client.get_experiment_by_name(experiment).experiment_id
+        experiment_id = create_experiment(client, tracking_uri, experiment, artifact_root)
     else:
         experiment_id = exp.experiment_id
         if exp.lifecycle_stage == "deleted":

@@ -98,9 +98,10 @@ def test_check_rejects_constant_loss_on_embedded_probe(tmp_path, shapes_root, mo
 
 
 def test_check_other_task_and_bad_metric_exit_2(tmp_path, shapes_root):
-    pose = save_graph(LossGraph.single("pose", "heatmap", N("neg", N("log", L("y_hat")))), tmp_path / "pose.json")
-    result = runner.invoke(app, ["loss", "check", str(pose), "--data", str(shapes_root)])
-    assert result.exit_code == 2 and "for task 'pose'" in _out(result) and "detection" in _out(result)
+    # a loss graph task without a registered Task (CSE-AutoLoss's detection inputs: no trainer yet)
+    cse = save_graph(LossGraph.single("detection_cse", "reg", N("neg", N("log", L("i")))), tmp_path / "cse.json")
+    result = runner.invoke(app, ["loss", "check", str(cse), "--data", str(shapes_root)])
+    assert result.exit_code == 2 and "for task 'detection_cse'" in _out(result) and "detection" in _out(result)
     ce = save_graph(CE, tmp_path / "ce.json")
     result = runner.invoke(app, ["loss", "check", str(ce), "--data", str(shapes_root), "--metric", "accuracyy",
                                  "--samples", "2", "--size", "16", "--steps", "2"])

@@ -427,3 +427,21 @@ def test_constructor_rejects_mismatched_cache_and_probe(problem):
     # a probe with fewer samples than the protocol asks for is a set-up error, not 100k rejected candidates
     with pytest.raises(LossforgeError, match="samples"):
         SearchEngine(problem, screening_config=ScreeningConfig(samples=5))
+
+
+def test_seed_losses_are_handed_out_first_and_survive_a_restore(problem, tmp_path):
+    from components.search.graph import Branch, LossGraph, parse_prefix
+
+    def graph(text):
+        return LossGraph("segmentation", {"seg": Branch(parse_prefix(text), 1.0)})
+
+    ce, twice = graph("neg(mul(y,log(y_hat)))"), graph("mul(add(1,1),neg(mul(y,log(y_hat))))")
+    part = make_engine(problem, seed=5, budget=6, seeds=[ce, twice])
+    first = part.next_candidate()
+    assert (first.graph.canonical(), first.mutation, first.parent_id) == (ce.canonical(), "seed", None)
+    part.report(first.id, proxy(problem, first))
+    part.save(tmp_path / "state.json")
+    resumed = SearchEngine.load(tmp_path / "state.json", problem)  # the seeds come back from the state file
+    second = resumed.next_candidate()
+    assert (second.graph.canonical(), second.mutation) == (twice.canonical(), "seed")
+    assert resumed.next_candidate().mutation == "init"

@@ -40,8 +40,10 @@ Decisions (tested in tests/test_search_engine.py):
   or the path of its own file which is saved alongside). In-flight candidates at save time are handed
   out again by `next_candidate()` after a restore, with the same id, before anything new is generated.
   All randomness is the one `random.Random(seed)` shared by generator and evolution (screening and
-  the probe are deterministic; no torch generator is involved), so with one worker a resumed run
-  reproduces an uninterrupted one exactly.
+  the probe are deterministic; no torch generator is involved). What is bred next depends on the results
+  reported so far, so the caller reports them in hand-out order, not as they finish (flows/search_flow.py):
+  then, with any number of workers, two runs and a resumed run (a stored result is reported in its turn,
+  after the reissued candidates before it) take exactly the same path (tests/test_reproducibility.py).
 - `history` holds one JSON record per candidate with a result (trained or reused): id, hash,
   canonical, formula, graph (loss_json), parent_id, mutation, screening_score (g), fingerprint,
   status (evaluated | nan-stopped | failed | duplicate-reused), target, metrics, iterations, seconds.
@@ -161,6 +163,7 @@ class SearchEngine:
         cache_path: str | Path | None = None,
         proxy_key: str = "",
         on_warning: Callable[[str], None] | None = None,
+        seeds: Any = (),
     ):
         from components.search.equivalence import EquivalenceCache
         from components.search.generation import TreeGenerator
@@ -192,7 +195,13 @@ class SearchEngine:
         self._branch_scores: dict[str, Any] = {}
         self.rng = random.Random(self.seed)
         self.generator = TreeGenerator(self.config.operator_set, depth=self.config.depth, rng=self.rng)
-        self.evolution = RegularizedEvolution(self.config, self.generator, task, self.rng)
+        # warm start: graphs (of this task) handed out first (evolution.seed_losses, resolved by the method)
+        self.seeds = list(seeds)
+        for graph in self.seeds:
+            if getattr(graph, "task", None) != task:
+                raise LossforgeError(f"evolution.seed_losses: a seed loss is for task {getattr(graph, 'task', None)!r}, "
+                                     f"not {task!r}")
+        self.evolution = RegularizedEvolution(self.config, self.generator, task, self.rng, seeds=self.seeds)
         self.counters: dict[str, int] = {
             "generated": 0,
             "accepted": 0,
@@ -473,6 +482,8 @@ class SearchEngine:
     # ----------------------------------------------------------------- persistence
     def state_dict(self) -> dict[str, Any]:
         """The whole search state as JSON-able data (graphs through loss_json, no pickle)."""
+        from components.search.graph_json import graph_to_dict
+
         cache_path = getattr(self.cache, "path", None)
         state = {
             "format": STATE_FORMAT,
@@ -481,6 +492,7 @@ class SearchEngine:
             "seed": self.seed,
             "proxy_key": self.proxy_key,
             "config": self.config.to_dict(),
+            "seeds": [graph_to_dict(g) for g in self.seeds],
             "screening_config": _config_to_dict(self.screening_config),
             "evolution": self.evolution.state_dict(),
             "pending": [
@@ -517,6 +529,7 @@ class SearchEngine:
     def from_state_dict(cls, state: Any, problem: Any, cache: Any = None, budget: int | None = None) -> "SearchEngine":
         """Rebuild a SearchEngine from `state_dict()` output (validated)."""
         from components.search.equivalence import EquivalenceCache
+        from components.search.graph_json import graph_from_dict
         from components.search.screening import ScreeningConfig
 
         if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
@@ -548,8 +561,9 @@ class SearchEngine:
                     cache = EquivalenceCache(None, problem.key)
                     for item in cache_state["entries"]:
                         cache.put(tuple(float(v) for v in item["fingerprint"]), item["entry"])
+            seeds = [graph_from_dict(g) for g in state.get("seeds", [])]
             engine = cls(problem, task=state["task"], config=config, screening_config=screening_config,
-                         seed=int(state["seed"]), cache=cache, proxy_key=str(state.get("proxy_key", "")))
+                         seed=int(state["seed"]), cache=cache, proxy_key=str(state.get("proxy_key", "")), seeds=seeds)
             engine.evolution.load_state_dict(state["evolution"])
             engine.evolution.config = config
             in_flight = engine.evolution.in_flight

@@ -26,7 +26,7 @@ import math
 import random
 from collections import deque
 from dataclasses import asdict, dataclass, fields
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Sequence
 
 from components.errors import LossforgeError
 
@@ -50,8 +50,13 @@ class EvolutionConfig:
     stall_warning_every: int = 500  # warn after every this many rejected candidates in a row (0 = never)
     depth: int = 3  # D, initial depth of random trees
     operator_set: str = "autoloss_zero"  # named operator set (components.search.operators)
+    # warm start, not in the paper: losses (names of the task's graph baselines, or loss JSON files) handed out first
+    # as members of the initial population, so that a small budget breeds from them instead of from random trees
+    seed_losses: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        if isinstance(self.seed_losses, list):
+            object.__setattr__(self, "seed_losses", tuple(self.seed_losses))
         checks = [
             ("initial_population", self.initial_population >= 1),
             ("tournament_fraction", 0.0 < self.tournament_fraction <= 1.0),
@@ -62,6 +67,9 @@ class EvolutionConfig:
             ("stall_warning_every", isinstance(self.stall_warning_every, int) and self.stall_warning_every >= 0),
             ("depth", self.depth >= 1),
             ("operator_set", isinstance(self.operator_set, str) and bool(self.operator_set)),
+            ("seed_losses", isinstance(self.seed_losses, (tuple, list))
+             and all(isinstance(v, str) and v for v in self.seed_losses)
+             and len(self.seed_losses) <= self.initial_population),
         ]
         for name, ok in checks:
             if not ok:
@@ -78,6 +86,9 @@ class EvolutionConfig:
         unknown = set(data) - known
         if unknown:
             raise LossforgeError(f"EvolutionConfig: unknown field(s) {sorted(unknown)}")
+        data = dict(data)
+        if isinstance(data.get("seed_losses"), list):
+            data["seed_losses"] = tuple(data["seed_losses"])
         return cls(**data)
 
 
@@ -133,11 +144,14 @@ class RegularizedEvolution:
     state captures all randomness.
     """
 
-    def __init__(self, config: EvolutionConfig, generator: Any, task: str, rng: random.Random):
+    def __init__(self, config: EvolutionConfig, generator: Any, task: str, rng: random.Random,
+                 seeds: Sequence[Any] = ()):
         self.config = config
         self.generator = generator
         self.task = task
         self.rng = rng
+        # warm start (`evolution.seed_losses`): these graphs are handed out first, as part of the initial population
+        self.seeds = list(seeds)
         self.population: deque[Individual] = deque(maxlen=config.max_population)
         self.in_flight: dict[int, Individual] = {}
         self.next_id = 0
@@ -202,6 +216,13 @@ class RegularizedEvolution:
         `accept_branch`, each branch is bred until it passes on its own first (`breed_by_branch`).
         """
         parent = self.select_parent()
+        while parent is None and self.next_id < len(self.seeds):
+            # a seed is handed out as given (`accept` still runs: it records the screening, and a seed that fails
+            # the protocol is skipped like any rejected graph, so it never costs a proxy evaluation)
+            graph = self.seeds[self.next_id]
+            if accept is None or accept(graph):
+                return self._register(graph, None, "seed")
+            self.seeds.pop(self.next_id)
         for _ in range(self.config.max_attempts):
             if accept_branch is not None:
                 graph, mutation = self.breed_by_branch(parent, accept_branch)

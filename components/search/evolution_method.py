@@ -14,6 +14,34 @@ from components.params import Params
 from components.search.method import SearchMethod, register_method
 
 
+def seed_graphs(task_name: str, names: tuple[str, ...] | list[str]) -> list[Any]:
+    """The loss graphs of `evolution.seed_losses`: names of the task's baselines that are loss graphs (e.g.
+    detection's ``ce_giou``) or loss JSON files; anything else is a one-line error naming the entry."""
+    from components.errors import LossforgeError
+    from components.search.graph import LossGraph
+    from components.tasks.base import get_task
+
+    from components.search.graph_json import load_graph
+
+    task = get_task(task_name)
+    graphs = []
+    for name in names:
+        try:
+            if name.endswith(".json") or Path(name).is_file():
+                graph = load_graph(name)
+                if graph.task != task_name:
+                    raise LossforgeError(f"a loss for task {graph.task!r}, not {task_name!r}")
+            else:
+                graph = getattr(task.build_loss(name, None), "graph", None)
+        except LossforgeError as exc:
+            raise LossforgeError(f"evolution.seed_losses: {name!r}: {exc}") from None
+        if not isinstance(graph, LossGraph):
+            raise LossforgeError(f"evolution.seed_losses: {name!r} is not a loss graph (give a loss JSON file or one "
+                                 f"of the task's graph baselines)")
+        graphs.append(graph)
+    return graphs
+
+
 @register_method
 class EvolutionMethod(SearchMethod):
     """AutoLoss-Zero: components.search.engine.SearchEngine (evolution + rejection + equivalence)."""
@@ -35,14 +63,16 @@ class EvolutionMethod(SearchMethod):
         checkpoint = state_dir / "checkpoint.json"
         cache_path = state_dir / "equivalence.json"
         if checkpoint.exists():
-            return cls(SearchEngine.load(checkpoint, problem), target)
+            return cls(SearchEngine.load(checkpoint, problem), target)  # the seeds are in the checkpoint
+        config = params.config("evolution", budget=params.search.budget)
         engine = SearchEngine(
             problem,
             task=params.search.task,
-            config=params.config("evolution", budget=params.search.budget),
+            config=config,
             screening_config=params.config("screening"),
             seed=params.search.seed,
             cache_path=cache_path,
+            seeds=seed_graphs(params.search.task, config.seed_losses),
         )
         return cls(engine, target)
 

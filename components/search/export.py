@@ -194,13 +194,17 @@ _SEGMENTATION_METHOD = '''
     def from_logits(self, logits, target, ignore_index=255):
         """Segmentation convenience: logits (N, C, H, W), target labels (N, H, W) with `ignore_index`
         pixels ignored -> scalar loss (y_hat = softmax over C, y = one-hot target, or its per-class
-        boundary maps when TARGET is "boundary")."""
+        boundary maps when TARGET is "boundary").
+
+        An ignored pixel has y = 0 in every class (no class, as in Lossforge's own loss): trees that pool
+        or average over pixels must not see it as background next to the valid pixels."""
         valid = target != ignore_index
         labels = torch.where(valid, target, torch.zeros_like(target))
         y_hat = torch.softmax(logits, dim=1)
         y = torch.nn.functional.one_hot(labels, logits.shape[1]).permute(0, 3, 1, 2).to(logits.dtype)
+        y = y * valid.unsqueeze(1).to(y.dtype)
         if self.TARGET == "boundary":
-            y = boundary_maps(y * valid.unsqueeze(1).to(y.dtype), self.BOUNDARY, self.BOUNDARY_WIDTH)
+            y = boundary_maps(y, self.BOUNDARY, self.BOUNDARY_WIDTH)
         return self.forward({"seg": {"y_hat": y_hat, "y": y}}, valid=valid)
 '''
 

@@ -81,6 +81,14 @@ def graph_to_dict(graph: LossGraph, name: str | None = None, metadata: dict | No
     return out
 
 
+def _finite_float(value: int | float) -> bool:
+    """True if `value` is a finite float (an int with hundreds of digits overflows float: not a weight)."""
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:
+        return False
+
+
 class _Reader:
     def __init__(self, source: str) -> None:
         self.source = source
@@ -129,8 +137,10 @@ class _Reader:
                 f"{where}.operator_set", f"unknown operator set {opset!r} (known: {', '.join(OPERATOR_SETS)})"
             )
         weight = data.get("weight", default_branch_weight(task, bname))
-        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
-            raise self.fail(f"{where}.weight", f"expected a finite number, got {weight!r}")
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not _finite_float(weight):
+            text = repr(weight)
+            shown = text if len(text) <= 40 else f"{text[:20]}... ({len(text)} characters)"
+            raise self.fail(f"{where}.weight", f"expected a finite number, got {shown}")
         if "tree" not in data:
             raise self.fail(where, "missing 'tree'")
         inputs = branch_inputs(task, bname, opset)
@@ -209,6 +219,8 @@ def load_graph(path: str | os.PathLike) -> LossGraph:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
         raise InvalidLossError(f"{source}: invalid JSON ({exc.msg} at line {exc.lineno})") from None
+    except ValueError as exc:  # e.g. an integer over Python's 4300-digit conversion limit
+        raise InvalidLossError(f"{source}: invalid JSON ({str(exc).split(':')[0][:120]})") from None
     except RecursionError:
         raise InvalidLossError(f"{source}: JSON nested too deeply") from None
     return graph_from_dict(data, source)

@@ -130,6 +130,18 @@ class Task(ABC):
         """The dataset at `path` (split "train"/"val", or exactly `ids` in that order); has `.ids` and
         `.num_classes`. Errors name the bad file."""
 
+    def validate_data(self, path: str | Path, *, split: str | None = None, ids: Sequence[str] | None = None) -> Any:
+        """Check every file of the dataset at `path` (a split, or exactly `ids`) before a run writes anything: each
+        image decodes, its labels fit it (mask size and classes, boxes inside the image, known categories, ...). The
+        first bad file is a one-line LossforgeError naming it; returns the opened dataset. Default: `open_dataset`,
+        then the dataset's own `validate()` when it has one (the built-in readers do; keep it to header reads and
+        cheap decodes: it runs on every image before each search)."""
+        dataset = self.open_dataset(path, split=split, ids=ids)
+        check = getattr(dataset, "validate", None)
+        if callable(check):
+            check()
+        return dataset
+
     # ------------------------------------------------------------------ losses
     def training_target(self, metric: str) -> str:
         """What the tree input `y` is when searching for `metric` ("label" unless the task says otherwise)."""
@@ -180,6 +192,7 @@ _BUILTIN: dict[str, str] = {
     "segmentation": "components.tasks.segmentation.task",
     "detection": "components.tasks.detection.task",
     "instance_segmentation": "components.tasks.instance_segmentation.task",
+    "pose": "components.tasks.pose.task",
 }
 
 

@@ -91,6 +91,17 @@ def read_manifest(path: str | os.PathLike) -> list[str]:
     return ids
 
 
+def _hold_out_test(ids: list[str], eval_count: int | None, eval_fraction: float | None,
+                   seed: int) -> tuple[list[str], list[str]]:
+    """(training ids, test ids) of an unsplit dataset: eval_count images, or eval_fraction of all of them, are
+    the test set; S_eval gets as many from the rest."""
+    held = make_split(ids, eval_count=eval_count, eval_fraction=eval_fraction, seed=seed + 1)
+    if len(held.train) <= len(held.eval):
+        raise SplitError(f"split: {len(ids)} images in one unsplit set are too few to hold out a test set and S_eval "
+                         f"of {len(held.eval)} images each")
+    return held.train, held.eval
+
+
 def write_search_splits(
     train_ids: Sequence[str],
     test_ids: Sequence[str],
@@ -101,17 +112,34 @@ def write_search_splits(
 ) -> dict[str, Path]:
     """Write `train.txt` (S_train), `eval.txt` (S_eval) and `test.txt` (held-out set) into `out_dir`.
 
-    Every input is checked first, so a SplitError leaves `out_dir` untouched."""
+    Every input is checked first, so a SplitError leaves `out_dir` untouched. A dataset without splits (one
+    images/ + masks/ folder: the same ids as training and test set) gets its test set held out first, as many
+    images as S_eval (seed + 1), then S_eval from the rest."""
+    out = Path(out_dir)
+    for folder in (out, *out.parents):
+        if folder.exists() and not folder.is_dir():
+            raise SplitError(f"{folder}: exists and is not a folder (the split manifests go in {out}/)")
+    planned = plan_search_splits(train_ids, test_ids, eval_count=eval_count, eval_fraction=eval_fraction, seed=seed)
+    for name, ids in planned.items():
+        _check_manifest_ids(out / f"{name}.txt", ids)  # all checks before the first file is written
+    return {name: write_manifest(out / f"{name}.txt", ids) for name, ids in planned.items()}
+
+
+def plan_search_splits(
+    train_ids: Sequence[str],
+    test_ids: Sequence[str],
+    eval_count: int | None = None,
+    eval_fraction: float | None = None,
+    seed: int = 0,
+) -> dict[str, list[str]]:
+    """The ids `write_search_splits` writes ("train", "eval", "test"), with its checks, writing nothing (so a run
+    can check S_train against the batch size before the split stage overwrites the manifests)."""
+    if list(train_ids) and set(train_ids) == set(test_ids):
+        train_ids, test_ids = _hold_out_test(list(train_ids), eval_count, eval_fraction, seed)
+        eval_count, eval_fraction = len(test_ids), None  # S_eval as large as the test set
     overlap = set(train_ids) & set(test_ids)
     if overlap:
         raise SplitError(f"split: {len(overlap)} id(s) are both in the training and the test set, "
                          f"e.g. {sorted(overlap)[0]!r}")
     parts = make_split(train_ids, eval_count=eval_count, eval_fraction=eval_fraction, seed=seed)
-    out = Path(out_dir)
-    for name, ids in (("train", parts.train), ("eval", parts.eval), ("test", list(test_ids))):
-        _check_manifest_ids(out / f"{name}.txt", ids)  # all checks before the first file is written
-    return {
-        "train": write_manifest(out / "train.txt", parts.train),
-        "eval": write_manifest(out / "eval.txt", parts.eval),
-        "test": write_manifest(out / "test.txt", list(test_ids)),
-    }
+    return {"train": parts.train, "eval": parts.eval, "test": list(test_ids)}

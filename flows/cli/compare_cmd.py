@@ -104,8 +104,8 @@ def compare(
     losses: List[str] = typer.Argument(..., help="Baseline names (ce, soft_iou, ...), loss or surrogate JSON files."),
     dataset: Optional[str] = typer.Option(None, help="VOC/COCO/folder dataset (default: params.yaml's data)."),
     seeds: Optional[int] = typer.Option(None, help="Number of seeds (default: retrain.seeds of the profile)."),
-    task: Optional[str] = typer.Option(None, help="Task of the losses: segmentation, detection or "
-                                                  "instance_segmentation."),
+    task: Optional[str] = typer.Option(None, help="Task of the losses: segmentation, detection, "
+                                                  "instance_segmentation, pose (or a plug-in's)."),
     metric: Optional[str] = typer.Option(None, help="Metric marked in the table (default: the task's)."),
     iterations: Optional[int] = typer.Option(None, help="Training iterations (default: retrain.iterations)."),
     out: str = typer.Option(DEFAULT_OUT, "--out", "-o", help="Folder for comparison.md and comparison.json."),

@@ -65,7 +65,7 @@ def split(
     train_split: str = typer.Option("train", "--train-split", help="The dataset's training list."),
     test_split: str = typer.Option("val", "--test-split", help="The dataset's held-out list (final re-training)."),
     task: str = typer.Option("segmentation", "--task", help="Task whose reader opens the dataset: segmentation, "
-                             "detection or instance_segmentation."),
+                             "detection, instance_segmentation, pose (or a plug-in's)."),
 ) -> None:
     """Carve S_eval out of the training images; write the S_train, S_eval and test manifests."""
     from components.tasks.base import get_task

@@ -21,7 +21,7 @@ def demo(
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Show Prefect's logs."),
 ) -> None:
     """Run the `demo` profile: embedded shapes data → split → search → re-train → report."""
-    from flows.search_flow import STAGES
+    from flows.run_config import STAGES  # not flows.search_flow: Prefect must not be imported yet
 
     t0 = time.time()
     params = prepare_run(params_file, "demo", STAGES, verbose, task=task, metric=metric)

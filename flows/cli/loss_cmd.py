@@ -179,5 +179,11 @@ def export(
     if not class_name.isidentifier():
         raise LossforgeError(f"--class-name {class_name!r} is not a Python identifier")
     graph = load_graph(file)
+    if out.is_dir():
+        raise LossforgeError(f"--out: {out} is a folder; give the .py file to write (e.g. {out / 'loss.py'})")
+    if out.exists() and out.resolve() == file.resolve():
+        raise LossforgeError(f"--out: {out} is the input loss file; give another path (e.g. {file.with_suffix('.py')})")
+    if any(p.exists() and not p.is_dir() for p in out.parents):
+        raise LossforgeError(f"--out: {out}: a parent of it is a file, not a folder")
     path = write_module(graph, out, class_name=class_name)
     console.print(f"wrote {path} (class {class_name}: forward(inputs_per_branch, valid=None))")

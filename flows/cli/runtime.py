@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import _thread
+import logging
+import multiprocessing
 import os
+import signal
+import sys
+import threading
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -11,6 +17,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 console = Console()
+_options = {"verbose": False}
 
 
 def configure_prefect(verbose: bool = False) -> None:
@@ -18,11 +25,15 @@ def configure_prefect(verbose: bool = False) -> None:
 
     Must run before prefect is imported (its settings are read at import time).
     """
+    _options["verbose"] = verbose
     if not os.environ.get("PREFECT_API_URL") and not os.environ.get("PREFECT_HOME"):
         os.environ["PREFECT_HOME"] = str(Path(".prefect").resolve())
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     # the embedded API server starts in a subprocess; on a busy machine it needs more than the default 20 s
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+    from flows.cli.embedded_server import startup_timeout
+
+    startup_timeout()  # a bad value is one line here, not Prefect's traceback when it is imported
     os.environ.setdefault("DO_NOT_TRACK", "1")
     os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
     if not verbose:  # INFO logs still go to the Prefect API (the UI); the console shows warnings only
@@ -70,3 +81,149 @@ def progress_display(enabled: bool = True) -> Iterator[None]:
 
     with bars, events.listen(on_event):
         yield
+
+
+# ------------------------------------------------------------------------------------------ stopping
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+@contextmanager
+def stop_on_signals() -> Iterator[None]:
+    """Ctrl-C / SIGTERM stop the run within seconds (main thread only; the previous handlers come back after).
+
+    First signal: every training is asked to stop at its next iteration (flows/stopping.py) and
+    SearchStopped is raised here, so the flows unwind as from a Ctrl-C while the trainings end. A second
+    signal (the stop hangs, or the user insists) ends the process at once, children included."""
+    from flows.stopping import SearchStopped, request_stop, signal_name, stop_requested
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        name = signal_name(signum)
+        again = _resent_by_prefect.pop(signum, False) or _redelivered.pop(signum, False)
+        if stop_requested() and not again:
+            _force_exit(signum)
+        request_stop(name)
+        raise SearchStopped(name)
+
+    previous_hook = sys.unraisablehook
+
+    def on_unraisable(args: Any) -> None:
+        # The handler's exception is lost when the signal lands while the main thread runs a weakref callback
+        # or a __del__ (seen: during an import): "Exception ignored in ...". Deliver it again, from another
+        # thread a moment later (raised in this hook, it would be ignored as well).
+        if isinstance(args.exc_value, SearchStopped):
+            signum = int(getattr(signal, args.exc_value.signal_name, signal.SIGINT))
+            _redelivered[signum] = True
+            threading.Timer(0.05, _thread.interrupt_main, (signum,)).start()
+            return
+        previous_hook(args)
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in STOP_SIGNALS}
+    sys.unraisablehook = on_unraisable
+    try:
+        yield
+    finally:
+        sys.unraisablehook = previous_hook
+        stopping = stop_requested() is not None
+        for sig, handler in previous.items():  # after a stop the process is on its way out: a signal ends it
+            signal.signal(sig, (lambda signum, _frame: _force_exit(signum)) if stopping else handler)
+
+
+_resent_by_prefect: dict[int, bool] = {}  # Prefect's SIGTERM bridge sends the signal again after the flow unwound
+_redelivered: dict[int, bool] = {}  # the handler's SearchStopped was swallowed, and raised again
+
+
+def route_prefect_sigterm() -> None:
+    """Make a SIGTERM during a flow run stop the trainings at once (call after Prefect is imported).
+
+    While a flow runs, Prefect's engine replaces the SIGTERM handler with its own
+    (`prefect.utilities.engine._prefect_sigterm_handler`, installed by `capture_sigterm`), which raises
+    TerminationSignal in the main thread: the flow unwinds, but its task runner then waits for the trainings
+    in flight, and only then Prefect sends the signal again to the previous handler (ours). The module
+    function is wrapped so that the stop is requested first. It is Prefect's private name: if it goes away,
+    a SIGTERM still stops the run, after the trainings in flight end (tests/test_stop_and_lock.py measures
+    how long a SIGTERM takes)."""
+    from flows.stopping import request_stop, signal_name
+
+    try:
+        from prefect.utilities import engine
+    except ImportError:  # pragma: no cover
+        return
+    prefect_handler = getattr(engine, "_prefect_sigterm_handler", None)
+    if prefect_handler is None or getattr(prefect_handler, "lossforge_stops_trainings", False):
+        return
+
+    def stop_then_prefect(signum: int, *args: Any) -> Any:
+        request_stop(signal_name(signum))
+        _resent_by_prefect[signum] = True  # Prefect re-sends it once the flow has unwound: not a second signal
+        return prefect_handler(signum, *args)
+
+    stop_then_prefect.lossforge_stops_trainings = True  # type: ignore[attr-defined]
+    engine._prefect_sigterm_handler = stop_then_prefect
+
+
+def end_worker_processes(timeout: float = 5.0) -> None:
+    """End the worker processes this process started (task runner pools) that are still alive after a stop.
+
+    The temporary Prefect server is not one of them: it stops at exit, after Prefect sent its last records."""
+    children = multiprocessing.active_children()
+    for child in children:
+        child.terminate()
+    for child in children:
+        child.join(timeout)
+        if child.is_alive():
+            child.kill()
+            child.join(1)
+
+
+def _force_exit(signum: int) -> None:
+    from flows.cli.embedded_server import embedded_server_pid
+
+    sys.stderr.write(f"{signal.Signals(signum).name} again: stopped at once (unfinished trainings are lost)\n")
+    for child in multiprocessing.active_children():
+        child.kill()
+    pid = embedded_server_pid()
+    if pid is not None:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    os._exit(128 + signum)
+
+
+# ------------------------------------------------------------------------------------------ quiet console
+class PrefectConsoleFilter(logging.Filter):
+    """Keep Prefect's console copies of what the CLI itself reports in one line.
+
+    Dropped: records carrying a LossforgeError (the CLI prints it as its `error:` line; Prefect printed it
+    with a traceback once per flow and task it went through) or a stop, and everything once a stop was
+    requested ("Crash detected", ...). Other exceptions (bugs) keep their tracebacks. The Prefect API (the
+    UI) still gets every record: this filter sits on the console handlers only."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from components.errors import LossforgeError
+        from flows.stopping import stop_requested
+
+        if stop_requested():
+            return False
+        exc = record.exc_info[1] if record.exc_info else None
+        return not isinstance(exc, (LossforgeError, KeyboardInterrupt))
+
+
+def quiet_prefect_console() -> None:
+    """Install PrefectConsoleFilter on Prefect's console handlers (after Prefect set up its logging) unless
+    `configure_prefect(verbose=True)` asked for Prefect's logs as they are."""
+    if _options["verbose"]:
+        return
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    loggers = [logging.getLogger()] + [logging.getLogger(name) for name in list(logging.Logger.manager.loggerDict)
+                                       if name == "prefect" or name.startswith("prefect.")]
+    for logger in loggers:
+        for handler in logger.handlers:
+            if isinstance(handler, PrefectConsoleHandler) and not any(
+                    isinstance(f, PrefectConsoleFilter) for f in handler.filters):
+                handler.addFilter(PrefectConsoleFilter())

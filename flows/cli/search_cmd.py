@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 from pathlib import Path
 from typing import Any, Optional
 
@@ -10,8 +12,11 @@ from rich.markup import escape
 
 from components.errors import LossforgeError
 from components.params import RUNNERS
-from flows.cli.common import user_errors
-from flows.cli.runtime import configure_prefect, console, progress_display
+from flows.cli.common import err_console, user_errors
+from flows.cli.embedded_server import start_embedded_server
+from flows.cli.runtime import (configure_prefect, console, end_worker_processes, progress_display,
+                               quiet_prefect_console, route_prefect_sigterm, stop_on_signals)
+from flows.stopping import STOP_FILE, STOP_FILE_ENV
 
 PARAMS_OPT = typer.Option("params.yaml", "--params", "-p", help="The params.yaml to read.")
 PROFILE_OPT = typer.Option(None, "--profile", help="Profile of params.yaml to apply (default: its `profile:` key).")
@@ -46,15 +51,44 @@ def prepare_run(params_file: str, profile: Optional[str], stages: tuple[str, ...
     params = resolve_params(params_file, profile, **overrides)
     check_inputs(params, stages)
     configure_prefect(verbose)
+    if "search" in stages:  # the runner's settings, and a cluster at search.address, answer before anything runs
+        from flows.task_runners import runner_for
+
+        runner_for(params.search)
     return params
 
 
 def run_and_print(params, stages: tuple[str, ...], show_progress: bool = True) -> dict[str, Any]:
-    """Run the stages with progress bars and print where the outputs are."""
-    from flows.search_flow import losses_dir, reports_dir
+    """Run the stages with progress bars and print where the outputs are.
 
-    with progress_display(show_progress):
-        out = _run_in_flow(params, stages)
+    One process per search: the search state folder is locked first (a second run in the same folder stops
+    with one line naming the holder's pid). Ctrl-C / SIGTERM stop the trainings at their next iteration and
+    exit with 128 + the signal's number and one line; what finished is kept and a re-run resumes from it."""
+    from components.search_lock import search_lock
+    from flows.run_config import state_dir
+    from flows.stopping import SearchStopped, use_stop_file
+
+    state = state_dir(params)
+    with search_lock(state, f"search {params.search_id}"):
+        use_stop_file(state)
+        try:
+            with stop_on_signals():
+                start_embedded_server()  # before any flow runs (flows/cli/embedded_server.py)
+                from flows.search_flow import losses_dir, reports_dir
+
+                quiet_prefect_console()
+                route_prefect_sigterm()
+                with progress_display(show_progress):
+                    out = _run_in_flow(params, stages)
+        except SearchStopped as stop:
+            end_worker_processes()
+            (state / STOP_FILE).unlink(missing_ok=True)
+            sig = getattr(signal, stop.signal_name, signal.SIGINT)
+            err_console.print(f"stopped by {stop.signal_name}: what finished is kept (search state {state}); "
+                              "run the same command again to resume", highlight=False, soft_wrap=True)
+            raise typer.Exit(128 + int(sig)) from None
+        finally:
+            os.environ.pop(STOP_FILE_ENV, None)  # the CLI called in-process (tests): no stale path for later runs
     if "search" in stages and "search" in out:
         best = out["search"]["best"]
         lines = str(best["formula"]).splitlines() or [""]
@@ -101,7 +135,7 @@ def search(
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Show Prefect's logs."),
 ) -> None:
     """Search a loss for the target metric end to end; re-running resumes an interrupted search."""
-    from flows.search_flow import STAGES
+    from flows.run_config import STAGES  # not flows.search_flow: Prefect must not be imported yet
 
     stages = STAGES if retrain else tuple(s for s in STAGES if s != "retrain")
     params = prepare_run(params_file, profile, stages, verbose, task=task, metric=metric, method=method,

@@ -17,7 +17,9 @@ Decisions:
 - Malformed data is a one-line :class:`DetectionDatasetError` naming the file and field: invalid JSON, a
   missing ``images``/``annotations``/``categories`` list, an unknown category or image id, a bbox that is
   not 4 numbers, a box outside the image (0.5 px tolerance), a missing image file, an image whose size is not
-  the annotated one.
+  the annotated one. `DetectionDataset.validate` (run on every image before a search) also decodes each image to
+  its end. A box of zero width or height is not an error: real datasets have them (COCO does; torchvision's
+  reference scripts drop them too), and training drops them.
 """
 
 from __future__ import annotations
@@ -256,10 +258,32 @@ class DetectionDataset(Dataset):
             raise DetectionDatasetError(f"{self.name}: id(s) {missing[:3]} not in the dataset")
         return DetectionDataset([by_id[i] for i in ids], self.categories, name=self.name, cache=self._cache is not None)
 
-    def validate(self) -> None:
-        """Read every image once, so bad files are reported before a long run starts."""
-        for i in range(len(self)):
-            self[i]
+    def validate(self, workers: int = 4) -> None:
+        """Check every sample before a long run starts, without caching anything: the image decodes (all of it)
+        and has its annotated size, and every box lies inside it (a zero-size box is dropped by training, not an
+        error: real datasets have them). The first bad sample is a one-line error naming the file and the
+        annotation."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+            for _ in pool.map(self.check_sample, self.samples):  # in order: the first bad sample is reported
+                pass
+
+    def check_sample(self, sample: DetectionSample) -> tuple[int, int]:
+        """Decode `sample`'s image and check its boxes against it (see `validate`); returns (width, height)."""
+        from components.tasks.segmentation.datasets import DatasetError, check_image
+
+        try:
+            w, h = check_image(sample.image)
+        except DatasetError as exc:
+            raise DetectionDatasetError(str(exc)) from None
+        rec = sample.record
+        if (rec.get("height"), rec.get("width")) not in ((h, w), (None, None)):
+            raise DetectionDatasetError(f"{sample.source}: image {rec['file_name']} is {w}x{h} but annotated as "
+                                        f"{rec.get('width')}x{rec.get('height')}")
+        for ann in sample.annotations:
+            _check_annotation(sample.source, ann, {"file_name": rec["file_name"], "width": w, "height": h})
+        return w, h
 
     def coco_ground_truth(self) -> dict:
         """This dataset as an in-memory COCO dict (all annotations, crowds included; category ids = labels)."""

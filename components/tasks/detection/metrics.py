@@ -70,6 +70,7 @@ def coco_metrics(ground_truth: Mapping, results: list[dict], iou_type: str = "bb
     with contextlib.redirect_stdout(io.StringIO()):
         gt = COCO()
         gt.dataset = copy.deepcopy(dict(ground_truth))
+        gt.dataset.setdefault("info", {})  # pycocotools 2.0.10's loadRes reads it (a COCO file may lack it)
         gt.createIndex()
         dt = gt.loadRes(copy.deepcopy(results))
         ev = COCOeval(gt, dt, iouType=iou_type)

@@ -23,13 +23,15 @@ Decisions:
   ``set_detection_loss(model, loss)`` decides what the four branches compute.
 - The anchor/proposal samplers are :class:`SeededSampler`: torchvision's sampler, drawing from a private
   generator once ``seed_samplers(model, seed)`` is called (from torch's global RNG before, exactly as
-  torchvision). Trainings that run in threads then neither race on the global RNG nor depend on each other.
+  torchvision). So is the transform's random choice of the training size (``SeededTransform``: nothing is
+  drawn for a single size; torchvision draws one number from the global RNG per image even then). Trainings
+  that run in threads then neither race on the global RNG nor depend on each other, and a model build
+  (``components.tasks.seeding.seeded_init``) cannot be disturbed by another thread's training.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,9 +49,8 @@ from torchvision.ops import MultiScaleRoIAlign
 
 from components.errors import LossforgeError
 from components.tasks.detection.losses import BranchLossRoIHeads, BranchLossRPN, DetectionLoss
+from components.tasks.seeding import INIT_LOCK  # noqa: F401 (re-exported: the probes use it)
 
-INIT_LOCK = threading.Lock()
-"""Held while seeding torch's global RNG and drawing initial weights (trainer, probe): one thread at a time."""
 
 BACKBONES = {"resnet18": (resnet18, (64, 128, 256, 512)), "resnet34": (resnet34, (64, 128, 256, 512)),
              "resnet50": (resnet50, (256, 512, 1024, 2048))}
@@ -155,10 +156,27 @@ class SeededSampler(BalancedPositiveNegativeSampler):
         return pos_idx, neg_idx
 
 
+class SeededTransform(GeneralizedRCNNTransform):
+    """torchvision's transform whose random choice among several training sizes draws from a private generator
+    (torchvision's global-RNG draw when ``generator`` is None and there are several); one size draws nothing."""
+
+    generator: torch.Generator | None = None
+
+    def torch_choice(self, k: list[int]) -> int:
+        if len(k) == 1:
+            return k[0]
+        if self.generator is None:
+            return super().torch_choice(k)
+        return k[int(torch.randint(len(k), (1,), generator=self.generator))]
+
+
 def seed_samplers(model: GeneralizedRCNN, seed: int) -> None:
-    """Give the model's RPN and RoI samplers private generators seeded from `seed` (see module doc)."""
+    """Give the model's RPN and RoI samplers (and its transform's size choice) private generators seeded from
+    `seed` (see module doc)."""
     model.rpn.fg_bg_sampler.generator = torch.Generator().manual_seed(int(seed))
     model.roi_heads.fg_bg_sampler.generator = torch.Generator().manual_seed(int(seed) + 1)
+    if isinstance(model.transform, SeededTransform):
+        model.transform.generator = torch.Generator().manual_seed(int(seed) + 2)
 
 
 def _backbone(cfg: DetectorConfig) -> BackboneWithFPN:
@@ -196,7 +214,7 @@ def build_detector(cfg: DetectorConfig | str, num_classes: int, loss: DetectionL
     )
     for module, size, fraction in ((rpn, cfg.rpn_batch_size_per_image, 0.5), (roi_heads, cfg.box_batch_size_per_image, 0.25)):
         module.fg_bg_sampler = SeededSampler(size, fraction)
-    transform = GeneralizedRCNNTransform(cfg.min_size, cfg.max_size, [0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
+    transform = SeededTransform(cfg.min_size, cfg.max_size, [0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
     model = GeneralizedRCNN(backbone, rpn, roi_heads, transform)
     set_detection_loss(model, loss)
     return model
@@ -218,5 +236,5 @@ def detector_config_dict(cfg: DetectorConfig) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
-__all__ = ["DetectorConfig", "MODEL_PRESETS", "SeededSampler", "build_detector", "model_preset", "seed_samplers",
+__all__ = ["DetectorConfig", "MODEL_PRESETS", "SeededSampler", "SeededTransform", "build_detector", "model_preset", "seed_samplers",
            "set_detection_loss"]

@@ -138,10 +138,24 @@ class DetectionTask(Task):
         problem = build(dataset, metric, samples=samples, size=size, seed=seed, branches=branches)
         if branches is not None:
             return problem
-        # the search screens each branch on its own probe, the others at their targets (paper A.2, A.3)
-        per_branch = {b: build(dataset, metric, samples=samples, size=size, seed=seed, branches=(b,))
+        # the search screens each branch on its own probe, the others at their targets (paper A.2, A.3); each
+        # probe carries the CE + GIoU baseline's tree of that branch (weight 1, as the screened trees) as the
+        # yardstick of the gradient-scale check (screening.max_gradient_ratio)
+        from components.search.graph import LossGraph
+
+        reference = self.reference_graph()
+        per_branch = {b: dataclasses.replace(build(dataset, metric, samples=samples, size=size, seed=seed, branches=(b,)),
+                                             reference=LossGraph(reference.task, {b: reference.branches[b]}))
                       for b in self._module("losses").BRANCHES}
-        return dataclasses.replace(problem, branch_problems=per_branch)
+        return dataclasses.replace(problem, branch_problems=per_branch, reference=reference)
+
+    def reference_graph(self) -> Any:
+        """The reference loss as a graph with every branch at weight 1: CE (classification, masks) + GIoU (boxes)."""
+        from components.search.graph import Branch, LossGraph
+
+        losses = self._module("losses")
+        graph = losses.baseline_graph(losses.GIOU_TREE)
+        return LossGraph(graph.task, {b: Branch(branch.tree, 1.0) for b, branch in graph.branches.items()})
 
     # ------------------------------------------------------------------ training
     def train_proxy(self, losses: Mapping[str, Any], train_ds: Any, eval_ds: Any, config: Any, metric: str,

@@ -8,7 +8,7 @@ head, batch 32, lr 0.04, 250 warm-up iterations, one epoch of 1/4 COCO ≈ 900 i
 the MMDetection 1x schedule (12 COCO epochs at batch 16, lr 0.02, steps at epochs 8 and 11).
 
 ``train_proxy`` guarantees, like the segmentation trainer:
-* the same initial weights for every loss (one build under ``models.INIT_LOCK``, deep-copied) and the same
+* the same initial weights for every loss (one build under ``components.tasks.seeding.seeded_init``, deep-copied) and the same
   batches in the same order (loaded and flipped once per iteration, from generators seeded by ``cfg.seed``);
 * per-member randomness: the only random draws inside the model are the anchor/proposal samplers, which get
   private generators seeded identically for every member (``models.seed_samplers``), so a member's result
@@ -31,10 +31,11 @@ from torch.utils.data import DataLoader, Dataset
 
 from components.errors import LossforgeError
 from components.tasks.base import ProxyResult
+from components.tasks.seeding import eval_loader_generator, seeded_init
 from components.tasks.detection.datasets import detection_collate
 from components.tasks.detection.losses import DetectionLoss
 from components.tasks.detection.metrics import METRIC_NAMES, BoxMetrics, canonical_metric_name
-from components.tasks.detection.models import (INIT_LOCK, MODEL_PRESETS, DetectorConfig, build_detector, seed_samplers,
+from components.tasks.detection.models import (MODEL_PRESETS, DetectorConfig, build_detector, seed_samplers,
                                                set_detection_loss)
 
 OPTIMIZERS = ("sgd", "adamw")
@@ -228,7 +229,7 @@ def evaluate_models(models: Mapping[str, nn.Module], dataset, cfg: ProxyConfig, 
     meters = {name: make_meter(dataset) for name in models}
     errors: dict[str, Exception] = {}
     loader = DataLoader(dataset, batch_size=cfg.eval_batch_size, shuffle=False, num_workers=cfg.num_workers,
-                        collate_fn=detection_collate)
+                        collate_fn=detection_collate, generator=eval_loader_generator(cfg.seed))
     for model in models.values():
         model.eval()
     for images, targets in loader:
@@ -275,7 +276,7 @@ def train_proxy(
     the members still training.
 
     The keyword hooks let a sibling task (instance segmentation) reuse this loop; the defaults are detection's:
-    ``build_model(cfg.model, num_classes)`` builds the template (under ``INIT_LOCK``, after seeding),
+    ``build_model(cfg.model, num_classes)`` builds the template (under ``seeding.seeded_init(cfg.seed)``),
     ``loss_type`` is the accepted loss class, ``set_loss(model, loss)`` installs a loss into a member's copy,
     ``metric_name`` canonicalises `target_metric`, ``batches(train_ds, cfg)`` is the training stream and
     ``evaluate(models, eval_ds, cfg, device)`` the shared evaluation (name → metrics dict or exception).
@@ -293,8 +294,7 @@ def train_proxy(
         from components.tasks.segmentation.trainer import cpu_convolutions_without_onednn
 
         cpu_convolutions_without_onednn()  # oneDNN convolutions are not safe in concurrent threads (see there)
-    with INIT_LOCK:  # seeding + drawing the initial weights from torch's global RNG: one thread at a time
-        torch.manual_seed(cfg.seed)
+    with seeded_init(cfg.seed):  # the initial weights depend on cfg.seed only, whatever runs in other threads
         template = build_model(cfg.model, num_classes)
     members: list[_Member] = []
     for name, loss in losses.items():

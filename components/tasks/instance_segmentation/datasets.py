@@ -23,7 +23,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from components.tasks.detection.datasets import (DetectionDataset, DetectionDatasetError, DetectionSample,
+from components.tasks.detection.datasets import (DetectionDataset, DetectionDatasetError, DetectionSample, _number,
                                                  detection_collate, open_detection_dataset)
 
 
@@ -35,8 +35,9 @@ def _check_segmentation(sample: DetectionSample, ann: dict) -> None:
     where = f"{sample.source}: annotations[id={ann.get('id')}].segmentation"
     seg = ann.get("segmentation")
     if isinstance(seg, list):
-        if not seg or not all(isinstance(p, list) and len(p) >= 6 and len(p) % 2 == 0 for p in seg):
-            raise InstanceDatasetError(f"{where}: polygons must be lists of >= 3 x, y pairs")
+        if not seg or not all(isinstance(p, list) and len(p) >= 6 and len(p) % 2 == 0 and all(map(_number, p))
+                              for p in seg):
+            raise InstanceDatasetError(f"{where}: polygons must be lists of >= 3 x, y number pairs")
         return
     if isinstance(seg, dict):
         size, counts = seg.get("size"), seg.get("counts")
@@ -90,6 +91,19 @@ class InstanceSegmentationDataset(DetectionDataset):
         if target["masks"].shape[0] != target["boxes"].shape[0]:  # pragma: no cover - same rule, same order
             raise InstanceDatasetError(f"{sample.source}: {sample.record.get('file_name')}: masks and boxes differ in number")
         return image, target
+
+    def check_sample(self, sample: DetectionSample) -> tuple[int, int]:
+        """The detection checks plus every non-crowd mask decoded at the image size (an RLE of another size, a
+        polygon pycocotools cannot read)."""
+        w, h = super().check_sample(sample)
+        for ann in sample.annotations:
+            if not ann.get("iscrowd"):
+                where = f"{sample.source}: annotations[id={ann.get('id')}].segmentation"
+                try:
+                    decode_segmentation(ann["segmentation"], h, w, where)
+                except (ValueError, TypeError, IndexError, OverflowError, UnicodeError) as exc:
+                    raise InstanceDatasetError(f"{where}: cannot decode ({type(exc).__name__}: {exc})") from None
+        return w, h
 
     def subset(self, ids: Sequence[str]) -> "InstanceSegmentationDataset":
         return self.from_detection(super().subset(ids))

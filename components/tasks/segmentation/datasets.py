@@ -58,6 +58,21 @@ def read_image(path: Path) -> np.ndarray:
         raise DatasetError(f"{path}: unreadable image ({exc.__class__.__name__}: {exc})") from None
 
 
+def check_image(path: Path) -> tuple[int, int]:
+    """(width, height) of an image after decoding all of it (a truncated JPEG fails here, not in training);
+    JPEGs decode at 1/8 scale (`draft`), which still reads the whole file. Errors name the file."""
+    try:
+        with Image.open(path) as im:
+            size = im.size
+            im.draft("RGB", (max(1, size[0] // 8), max(1, size[1] // 8)))
+            im.load()
+            return size
+    except FileNotFoundError:
+        raise DatasetError(f"{path}: image file not found") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise DatasetError(f"{path}: unreadable image ({exc.__class__.__name__}: {exc})") from None
+
+
 def read_mask(path: Path) -> np.ndarray:
     """A label map (H, W) from a palette ('P') or greyscale PNG; RGB colour masks are rejected."""
     try:
@@ -119,9 +134,9 @@ class SegmentationDataset(Dataset):
             self._cache[index] = item
         return item
 
-    def _load(self, sample: Sample) -> tuple[torch.Tensor, torch.Tensor]:
-        image = read_image(sample.image)
-        h, w = image.shape[:2]
+    def _checked_mask(self, sample: Sample, h: int, w: int) -> np.ndarray:
+        """The label map of `sample` for an h x w image; a size mismatch or a label outside the classes is an
+        error naming the mask file (or the image of a rasterised COCO sample)."""
         if sample.mask is not None:
             mask = read_mask(sample.mask)
             where = sample.mask
@@ -137,6 +152,12 @@ class SegmentationDataset(Dataset):
             raise DatasetError(
                 f"{where}: label(s) {bad[:5].tolist()} outside the {self.num_classes} classes "
                 f"(0..{self.num_classes - 1}, {self.ignore_index} = ignore)")
+        return mask
+
+    def _load(self, sample: Sample) -> tuple[torch.Tensor, torch.Tensor]:
+        image = read_image(sample.image)
+        h, w = image.shape[:2]
+        mask = self._checked_mask(sample, h, w)
         img = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div_(255.0)
         msk = torch.from_numpy(np.ascontiguousarray(mask)).long()
         if self.size is not None and (h, w) != self.size:
@@ -159,10 +180,19 @@ class SegmentationDataset(Dataset):
         return SegmentationDataset(chosen, self.classes, size=self.size, normalize=self.normalize,
                                    cache=self._cache is not None, ignore_index=self.ignore_index, name=self.name)
 
-    def validate(self) -> None:
-        """Read every sample once, so bad files are reported before a long run starts."""
-        for i in range(len(self)):
-            self[i]
+    def validate(self, workers: int = 4) -> None:
+        """Check every sample before a long run starts: the image decodes (all of it), the mask decodes, has the
+        image's size and only known labels. The first bad file is a DatasetError naming it. Threads: PIL and
+        numpy release the GIL while decoding; nothing is cached or converted to tensors."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        def check(sample: Sample) -> None:
+            w, h = check_image(sample.image)
+            self._checked_mask(sample, h, w)
+
+        with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+            for _ in pool.map(check, self.samples):  # in order: the first bad sample is reported
+                pass
 
     def class_histogram(self) -> torch.Tensor:
         """Pixel count per class over the whole dataset (ignored pixels excluded)."""
@@ -294,6 +324,53 @@ def open_folder_pair(
     return SegmentationDataset(samples, names, name=str(images.parent), **kwargs)
 
 
+def _number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and np.isfinite(value)
+
+
+def _check_coco_fields(path: Path, data: dict) -> None:
+    """One-line errors for the COCO fields the rasteriser reads: categories[].id/name, images[].id/file_name,
+    annotations[].image_id/category_id and their polygons or RLE (a missing or empty segmentation draws nothing)."""
+    for k, c in enumerate(data["categories"]):
+        if not isinstance(c, dict) or not isinstance(c.get("id"), int) or not isinstance(c.get("name"), str):
+            raise DatasetError(f"{path}: categories[{k}] needs an int 'id' and a str 'name' (got {c!r:.80})")
+    if len({c["id"] for c in data["categories"]}) != len(data["categories"]):
+        raise DatasetError(f"{path}: duplicate category ids in 'categories'")
+    image_ids = set()
+    for k, img in enumerate(data["images"]):
+        if not isinstance(img, dict) or "id" not in img or not isinstance(img.get("file_name"), str):
+            raise DatasetError(f"{path}: images[{k}] needs an 'id' and a str 'file_name' (got {img!r:.80})")
+        try:
+            image_ids.add(img["id"])
+        except TypeError:
+            raise DatasetError(f"{path}: images[{k}].id: expected a number or a string "
+                               f"(got {img['id']!r:.40})") from None
+    for k, ann in enumerate(data["annotations"]):
+        if not isinstance(ann, dict):
+            raise DatasetError(f"{path}: annotations[{k}] is not an object")
+        where = f"{path}: annotations[id={ann.get('id', k)}]"
+        try:
+            known_image = ann.get("image_id") in image_ids
+        except TypeError:
+            known_image = False
+        if not known_image:
+            raise DatasetError(f"{where}.image_id {ann.get('image_id')!r:.40} is not in 'images'")
+        seg = ann.get("segmentation")
+        if not seg:
+            continue
+        if isinstance(seg, list):
+            if not all(isinstance(poly, list) and len(poly) >= 6 and len(poly) % 2 == 0 and all(map(_number, poly))
+                       for poly in seg):
+                raise DatasetError(f"{where}.segmentation: polygons must be lists of >= 3 x, y number pairs")
+        elif isinstance(seg, dict):
+            size = seg.get("size")
+            if not (isinstance(size, list) and len(size) == 2 and all(isinstance(v, int) for v in size)
+                    and isinstance(seg.get("counts"), (str, list))):
+                raise DatasetError(f"{where}.segmentation: RLE needs 'size' [h, w] and 'counts'")
+        else:
+            raise DatasetError(f"{where}.segmentation: expected polygons or RLE (got {type(seg).__name__})")
+
+
 def open_coco(
     annotation_json: str | os.PathLike,
     images_dir: str | os.PathLike | None = None,
@@ -315,9 +392,12 @@ def open_coco(
         raise DatasetError(f"{path}: COCO annotation file not found") from None
     except json.JSONDecodeError as exc:
         raise DatasetError(f"{path}: invalid JSON ({exc.msg} at line {exc.lineno})") from None
+    if not isinstance(data, dict):
+        raise DatasetError(f"{path}: not a COCO instances file (top level is not an object)")
     for key in ("images", "annotations", "categories"):
         if not isinstance(data.get(key), list):
             raise DatasetError(f"{path}: not a COCO instances file (missing list '{key}')")
+    _check_coco_fields(path, data)
     cats = sorted(data["categories"], key=lambda c: c["id"])
     label_of = {c["id"]: k + 1 for k, c in enumerate(cats)}
     names = ["background"] + [c["name"] for c in cats]
@@ -352,13 +432,20 @@ def open_coco(
                 seg = ann.get("segmentation")
                 if not seg:
                     continue
-                if isinstance(seg, list):
-                    rle = mask_utils.merge(mask_utils.frPyObjects(seg, h, w))
-                elif isinstance(seg.get("counts"), list):
-                    rle = mask_utils.frPyObjects(seg, h, w)
-                else:
-                    rle = seg
-                m = mask_utils.decode(rle).astype(bool)
+                if isinstance(seg, dict) and list(seg.get("size", ())) != [h, w]:
+                    raise DatasetError(f"{path}: annotations[id={ann.get('id')}].segmentation: RLE size "
+                                       f"{seg.get('size')} is not the image size [{h}, {w}]")
+                try:
+                    if isinstance(seg, list):
+                        rle = mask_utils.merge(mask_utils.frPyObjects(seg, h, w))
+                    elif isinstance(seg.get("counts"), list):
+                        rle = mask_utils.frPyObjects(seg, h, w)
+                    else:
+                        rle = {**seg, "counts": seg["counts"].encode("ascii")} if isinstance(seg["counts"], str) else seg
+                    m = mask_utils.decode(rle).astype(bool)
+                except (ValueError, TypeError, IndexError, OverflowError, UnicodeError) as exc:
+                    raise DatasetError(f"{path}: annotations[id={ann.get('id')}].segmentation: cannot decode "
+                                       f"({type(exc).__name__}: {exc})") from None
                 out[m] = IGNORE_INDEX if ann.get("iscrowd") else label_of[ann["category_id"]]
             return out
 

@@ -28,11 +28,29 @@ Rules (the same in both uses):
   For binary maps both edge maps coincide; the definitions differ in the BIoU region.
   BF1 (both): precision_c = |BD(ŷ)_c ∩ dilate(BD(y)_c)| / |BD(ŷ)_c|, recall_c = |BD(y)_c ∩ dilate(BD(ŷ)_c)| /
   |BD(y)_c|, dilation = max-pool of radius `tolerance`; F1_c = 2PR/(P+R). A class with no edges in
-  both maps is NaN (skipped); a class with edges in only one map scores 0 (the official code would
-  skip it as NaN; we count it, so predicting nothing of a present class is penalised).
+  both maps is NaN (skipped); a class with edges in only one map scores 0.
 - `drop_background` (class 0): background edges do not form the BIoU band, and class 0 is left out of
-  the BF1 mean (official eval's drop_bg). Default None = follow the definition: True for "avgpool"
-  (official code), False for "minpool" (Table 1 averages over all C classes).
+  the BF1 mean (official eval's drop_bg). Default None = follow the definition: True for "avgpool",
+  False for "minpool" (Table 1 averages over all C classes).
+
+Evaluators (`evaluator=`): ``"lossforge"`` (default, the rules above) or ``"autoseg"``, which reproduces the
+evaluator of the Auto Seg-Loss code (mmseg/core/evaluation/metrics_fast.py + utils.py) number for number,
+so published VOC numbers can be compared. They differ in exactly three places:
+
+1. BF1 of a class predicted without ground-truth edges: lossforge scores it 0 (a false boundary costs);
+   the official code divides by n_gt = 0 and skips the class as NaN. (A class with ground-truth edges and
+   no predicted edges scores 0 in both.) The official F1 also carries its ε: P = m/(n + 1e-8),
+   F1 = 2PR/(P + R + 1e-8).
+2. Ignored pixels in BF1: lossforge removes them from the prediction as well (the void region is the same
+   for both maps, so nothing predicted there counts); the official code only removes them from the
+   ground truth, so predicted edges inside void regions count as unmatched (lower precision) and
+   predicted pixels next to the void are not edges.
+3. FWIoU: lossforge sums freq_c · IoU_c; the official code takes nanmean(freq_c · IoU_c) · C, which is
+   larger by C / (classes seen) whenever a class is in neither map (equal on VOC val, where all 21 occur).
+
+With ``"autoseg"`` the boundary must be "avgpool" with width 1 (the only edges the official code has),
+`tolerance="auto"` means its fixed 5 px, and `drop_background=None` means False (`evaluate_fast`'s
+default drop_bg). mIoU, mAcc, gAcc and BIoU are computed the same way by both.
 """
 
 from __future__ import annotations
@@ -51,6 +69,8 @@ METRIC_NAMES: tuple[str, ...] = ("gAcc", "mAcc", "mIoU", "FWIoU", "BIoU", "BF1")
 REGION_METRICS: tuple[str, ...] = ("gAcc", "mAcc", "mIoU", "FWIoU")
 BOUNDARY_METRICS: tuple[str, ...] = ("BIoU", "BF1")
 BOUNDARY_DEFINITIONS: tuple[str, ...] = ("avgpool", "minpool")
+EVALUATORS: tuple[str, ...] = ("lossforge", "autoseg")  # see the module docstring
+AUTOSEG_TOLERANCE = 5  # px: the official evaluator's fixed tol (BF1) and radius (BIoU band)
 BACKGROUND_CLASS = 0
 
 _EXTRA_ALIASES = {
@@ -98,8 +118,16 @@ class BoundarySpec:
     width: int = 1
     tolerance: int | str = 5
     drop_background: bool | None = None
+    evaluator: str = "lossforge"
 
     def __post_init__(self) -> None:
+        if self.evaluator not in EVALUATORS:
+            raise LossforgeError(f"evaluator must be one of {', '.join(EVALUATORS)}, got {self.evaluator!r}")
+        if self.evaluator == "autoseg" and (self.definition != "avgpool" or self.width != 1):
+            raise LossforgeError(
+                "evaluator 'autoseg' has only the official 3x3-average edges: boundary must be 'avgpool' and "
+                f"boundary_width 1 (got {self.definition!r}, {self.width!r})"
+            )
         if self.definition not in BOUNDARY_DEFINITIONS:
             raise LossforgeError(
                 f"unknown boundary definition {self.definition!r}; valid: {', '.join(BOUNDARY_DEFINITIONS)}"
@@ -112,11 +140,15 @@ class BoundarySpec:
         if self.drop_background not in (None, True, False):
             raise LossforgeError(f"drop_background must be true, false or None, got {self.drop_background!r}")
         if self.drop_background is None:
-            object.__setattr__(self, "drop_background", self.definition == "avgpool")
+            drop = self.definition == "avgpool" and self.evaluator != "autoseg"
+            object.__setattr__(self, "drop_background", drop)
 
     def pixels(self, height: int, width: int) -> int:
-        """The tolerance in pixels for (height, width) maps (``"auto"``: see ``auto_tolerance``)."""
-        return auto_tolerance(height, width) if self.tolerance == AUTO_TOLERANCE else int(self.tolerance)
+        """The tolerance in pixels for (height, width) maps (``"auto"``: see ``auto_tolerance``; the autoseg
+        evaluator's fixed 5 px)."""
+        if self.tolerance != AUTO_TOLERANCE:
+            return int(self.tolerance)
+        return AUTOSEG_TOLERANCE if self.evaluator == "autoseg" else auto_tolerance(height, width)
 
     def describe(self) -> str:
         """One line naming the boundary definition, for reports next to BIoU/BF1 numbers."""
@@ -128,8 +160,13 @@ class BoundarySpec:
             edge = f"BD(y) = y XOR min-pool {k}x{k} (paper Table 1)"
             band = "BIoU region = GT boundary BD(y)"
         bg = "background dropped" if self.drop_background else "background kept"
-        tol = "0.75% of the diagonal" if self.tolerance == AUTO_TOLERANCE else f"{self.tolerance} px"
-        return f"boundary={self.definition}: {edge}; {band}; BF1 tolerance {tol}; {bg}"
+        if self.tolerance != AUTO_TOLERANCE:
+            tol = f"{self.tolerance} px"
+        else:
+            tol = f"{AUTOSEG_TOLERANCE} px" if self.evaluator == "autoseg" else "0.75% of the diagonal"
+        rules = ("; evaluator=autoseg (the Auto Seg-Loss code's BF1/FWIoU rules)" if self.evaluator == "autoseg"
+                 else "")
+        return f"boundary={self.definition}: {edge}; {band}; BF1 tolerance {tol}; {bg}{rules}"
 
 
 # ----------------------------------------------------------------------------- input checks
@@ -277,7 +314,9 @@ def _boundary_stats(pred: torch.Tensor, target: torch.Tensor, valid: torch.Tenso
     if "BF1" not in need:
         return band_conf, None
 
-    pr_edge = label_boundaries(p, v, c, spec.width)
+    # the official code masks ignored pixels in the ground truth only: the prediction keeps its labels there
+    pr_valid = ((p >= 0) & (p < c)) if spec.evaluator == "autoseg" else v
+    pr_edge = label_boundaries(p, pr_valid, c, spec.width)
     img_c = torch.arange(m, device=p.device).view(m, 1, 1) * c
     tolerance = spec.pixels(h, w)
     matched_pr = _matched_edges(pr_edge, p, gt_edge, t, c, tolerance)
@@ -305,14 +344,18 @@ def class_iou(conf: torch.Tensor) -> torch.Tensor:
     return tp / union  # 0/0 -> NaN
 
 
-def region_scores(conf: torch.Tensor) -> dict[str, torch.Tensor]:
+def region_scores(conf: torch.Tensor, evaluator: str = "lossforge") -> dict[str, torch.Tensor]:
     """gAcc, mAcc, mIoU, FWIoU from confusion matrices (..., C, C) -> tensors of shape (...)."""
     conf = conf.double()
     tp = conf.diagonal(dim1=-2, dim2=-1)
     gt = conf.sum(-1)
     total = gt.sum(-1)
     iou = class_iou(conf)
-    fw = torch.nansum(gt / total.unsqueeze(-1) * iou, dim=-1)
+    weighted = gt / total.unsqueeze(-1) * iou
+    if evaluator == "autoseg":  # nanmean(freq · IoU) · C, as the official code
+        fw = _nanmean(weighted) * conf.shape[-1]
+    else:
+        fw = torch.nansum(weighted, dim=-1)
     return {
         "gAcc": tp.sum(-1) / total,
         "mAcc": _nanmean(tp / gt),
@@ -321,19 +364,26 @@ def region_scores(conf: torch.Tensor) -> dict[str, torch.Tensor]:
     }
 
 
-def class_bf1(counts: torch.Tensor) -> torch.Tensor:
-    """Per-class boundary F1 (..., C) from counts (..., C, 4); NaN when neither map has edges of the class."""
+def class_bf1(counts: torch.Tensor, evaluator: str = "lossforge") -> torch.Tensor:
+    """Per-class boundary F1 (..., C) from counts (..., C, 4); NaN when neither map has edges of the class
+    (autoseg: NaN when the ground truth has no edges of the class, with the official code's ε)."""
     counts = counts.double()
     n_pr, n_gt, m_pr, m_gt = counts.unbind(-1)
+    if evaluator == "autoseg":
+        prec = m_pr / (n_pr + 1e-8)
+        rec = m_gt / n_gt  # 0/0 -> NaN: the class is skipped
+        return 2 * prec * rec / (prec + rec + 1e-8)
     prec = m_pr / n_pr.clamp_min(1)
     rec = m_gt / n_gt.clamp_min(1)
     f1 = torch.where(prec + rec > 0, 2 * prec * rec / (prec + rec).clamp_min(1e-300), torch.zeros_like(prec))
     return torch.where((n_pr == 0) & (n_gt == 0), torch.full_like(f1, float("nan")), f1)
 
 
-def boundary_scores(band_conf: torch.Tensor, counts: torch.Tensor, drop_background: bool) -> dict[str, torch.Tensor]:
+def boundary_scores(band_conf: torch.Tensor, counts: torch.Tensor, drop_background: bool,
+                    evaluator: str = "lossforge") -> dict[str, torch.Tensor]:
     """BIoU (IoU per class over the band, class mean) and BF1 (class mean, bg dropped if asked)."""
-    return {"BIoU": _nanmean(class_iou(band_conf)), "BF1": _nanmean(_bf1_classes(class_bf1(counts), drop_background))}
+    return {"BIoU": _nanmean(class_iou(band_conf)),
+            "BF1": _nanmean(_bf1_classes(class_bf1(counts, evaluator), drop_background))}
 
 
 def _bf1_classes(f1: torch.Tensor, drop_background: bool) -> torch.Tensor:
@@ -352,12 +402,13 @@ class SegmentationMetrics:
     """
 
     def __init__(self, num_classes: int, ignore_index: int | None = 255, *, boundary: str = "avgpool",
-                 boundary_width: int = 1, tolerance: int | str = AUTO_TOLERANCE, drop_background: bool | None = None) -> None:
+                 boundary_width: int = 1, tolerance: int | str = AUTO_TOLERANCE, drop_background: bool | None = None,
+                 evaluator: str = "lossforge") -> None:
         if not isinstance(num_classes, int) or num_classes < 1:
             raise LossforgeError(f"num_classes must be a positive integer, got {num_classes!r}")
         self.num_classes = num_classes
         self.ignore_index = ignore_index
-        self.spec = BoundarySpec(boundary, boundary_width, tolerance, drop_background)
+        self.spec = BoundarySpec(boundary, boundary_width, tolerance, drop_background, evaluator)
         self.reset()
 
     def reset(self) -> None:
@@ -380,8 +431,8 @@ class SegmentationMetrics:
 
     def compute(self) -> dict[str, float]:
         """The six metrics over everything seen since the last reset, keys = METRIC_NAMES."""
-        scores = region_scores(self.confusion) | boundary_scores(
-            self.band_confusion, self.boundary_counts, self.spec.drop_background
+        scores = region_scores(self.confusion, self.spec.evaluator) | boundary_scores(
+            self.band_confusion, self.boundary_counts, self.spec.drop_background, self.spec.evaluator
         )
         return {name: float(scores[name]) for name in METRIC_NAMES}
 
@@ -392,7 +443,7 @@ class SegmentationMetrics:
             "IoU": class_iou(self.confusion).tolist(),
             "Acc": (conf.diagonal() / conf.sum(-1)).tolist(),
             "BIoU": class_iou(self.band_confusion).tolist(),
-            "BF1": class_bf1(self.boundary_counts).tolist(),
+            "BF1": class_bf1(self.boundary_counts, self.spec.evaluator).tolist(),
         }
 
     def describe(self) -> str:
@@ -402,20 +453,21 @@ class SegmentationMetrics:
 
 def per_sample_metric(name: str, pred_labels: torch.Tensor, target: torch.Tensor, num_classes: int, *,
                       ignore_index: int | None = 255, boundary: str = "avgpool", boundary_width: int = 1,
-                      tolerance: int | str = AUTO_TOLERANCE, drop_background: bool | None = None) -> torch.Tensor:
+                      tolerance: int | str = AUTO_TOLERANCE, drop_background: bool | None = None,
+                      evaluator: str = "lossforge") -> torch.Tensor:
     """Metric `name` of each sample on its own -> float64 tensor (B,), vectorised over the batch.
 
     pred_labels/target: (B,H,W), or (B,N,H,W) where each sample is N images accumulated together.
     """
     name = canonical_metric_name(name)
+    spec = BoundarySpec(boundary, boundary_width, tolerance, drop_background, evaluator)
     pred, target, valid = _as_groups(pred_labels, target, num_classes, ignore_index, per_sample=True)
     if name in REGION_METRICS:
-        return region_scores(_confusion(pred, target, valid, num_classes))[name]
-    spec = BoundarySpec(boundary, boundary_width, tolerance, drop_background)
+        return region_scores(_confusion(pred, target, valid, num_classes), spec.evaluator)[name]
     band_conf, counts = _boundary_stats(pred, target, valid, num_classes, spec, need=(name,))
     if name == "BIoU":
         return _nanmean(class_iou(band_conf))
-    return _nanmean(_bf1_classes(class_bf1(counts), spec.drop_background))
+    return _nanmean(_bf1_classes(class_bf1(counts, spec.evaluator), spec.drop_background))
 
 
 def metric_function(name: str, num_classes: int, **kw) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:

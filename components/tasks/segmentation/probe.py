@@ -162,8 +162,9 @@ def _network_logits(images: Tensor, num_classes: int, seed: int, model: str | nn
     """Logits `(B, C, H, W)` of a randomly initialised network for `images` (B, 3, H, W)."""
     size = images.shape[-1]
     net_size = max(64, -(-size // 32) * 32)  # the encoders need multiples of 32
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    from components.tasks.seeding import seeded_init
+
+    with seeded_init(seed):  # alone on the global RNG (trainings may run in other threads), restored on exit
         if isinstance(model, nn.Module):
             net = model
         else:

@@ -13,9 +13,12 @@ M losses are the members of one grouped network (see ``_train_wave``).
 
 ``train_proxy`` trains M models together: one batch is loaded, resized and flipped once and fed to
 every model (Auto Seg-Loss trains 4 models per GPU that share each batch). All models start from the
-same initial weights (one build, deep-copied) and see the same batches in the same order. Each model
-keeps its own RNG state (for dropout), so a model's result does not depend on which other losses it was
-trained with: training {a, b} together gives exactly the same numbers for ``a`` as training {a} alone.
+same initial weights (one build under ``components.tasks.seeding.seeded_init``, deep-copied) and see the same
+batches in the same order. A model with dropout keeps its own RNG state, swapped into torch's global generator
+for its forward pass under ``seeding.INIT_LOCK`` (dropout takes no generator; the lock keeps trainings in other
+threads from drawing in between), so a model's result depends neither on which other losses it was trained
+with (training {a, b} together gives exactly the same numbers for ``a`` as training {a} alone) nor on
+trainings running in other threads; a model without dropout draws nothing at all.
 A non-finite loss stops that model at once (status ``"nan"``, ``iterations`` = the 1-based iteration at
 which it happened); an exception raised by one loss marks that model ``"failed"``; the others go on.
 """
@@ -25,7 +28,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
-import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -37,8 +39,10 @@ from torch.utils.data import DataLoader, Dataset
 
 from components.errors import LossforgeError
 from components.tasks.base import ProxyResult
+from components.tasks.seeding import INIT_LOCK, eval_loader_generator, seeded_init
 from components.tasks.segmentation.models import MODEL_PRESETS, ModelConfig, build_model, param_groups, resolve_device
-from components.tasks.segmentation.metrics import METRIC_NAMES, SegmentationMetrics, canonical_metric_name
+from components.tasks.segmentation.metrics import (EVALUATORS, METRIC_NAMES, BoundarySpec, SegmentationMetrics,
+                                                   canonical_metric_name)
 
 STATUSES = ("ok", "nan", "failed")
 OPTIMIZERS = ("sgd", "adamw")  # adamw: the CPU proxy (from scratch, few hundred steps); sgd: the papers
@@ -71,6 +75,7 @@ class ProxyConfig:
     boundary: str = "avgpool"
     boundary_width: int = 1
     tolerance: int | str = "auto"  # BIoU band / BF1 match radius: 0.75 % of the diagonal (5 px on VOC)
+    evaluator: str = "lossforge"  # or "autoseg": the Auto Seg-Loss code's BF1/FWIoU rules (metrics.py docstring)
 
     def __post_init__(self) -> None:
         positive = {"iterations": self.iterations, "batch_size": self.batch_size, "eval_batch_size": self.eval_batch_size}
@@ -91,6 +96,9 @@ class ProxyConfig:
             raise LossforgeError(f"proxy.num_workers: must be >= 0, got {self.num_workers}")
         if self.optimizer not in OPTIMIZERS:
             raise LossforgeError(f"proxy.optimizer: must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
+        if self.evaluator not in EVALUATORS:
+            raise LossforgeError(f"proxy.evaluator: must be one of {', '.join(EVALUATORS)}, got {self.evaluator!r}")
+        BoundarySpec(self.boundary, self.boundary_width, self.tolerance, evaluator=self.evaluator)  # before training
         if not isinstance(self.model, ModelConfig):
             raise LossforgeError(f"proxy.model: must be a ModelConfig, got {type(self.model).__name__}")
 
@@ -105,7 +113,7 @@ PAPER_PROXY = ProxyConfig(
 
 @dataclass
 class _Member:
-    """One model under training with its loss, optimiser and private RNG state."""
+    """One model under training with its loss, optimiser and private RNG state (used only with dropout)."""
 
     name: str
     loss: nn.Module
@@ -202,9 +210,9 @@ def _num_classes(dataset: Dataset, num_classes: int | None) -> int:
 
 def _make_members(losses: Mapping[str, nn.Module], template: nn.Module, cfg: ProxyConfig, device: torch.device,
                   target_metric: str) -> list[_Member]:
-    torch.manual_seed(cfg.seed + 2)
-    rng = torch.get_rng_state()
-    cuda_rng = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    # every member's dropout stream starts from seed + 2 (private generators: the global RNG is not touched)
+    rng = torch.Generator().manual_seed(cfg.seed + 2).get_state()
+    cuda_rng = torch.Generator(device=device).manual_seed(cfg.seed + 2).get_state() if device.type == "cuda" else None
     members = []
     for name, loss in losses.items():
         result = ProxyResult(name=name, status="ok", target_metric=target_metric)
@@ -223,21 +231,35 @@ def _make_members(losses: Mapping[str, nn.Module], template: nn.Module, cfg: Pro
     return members
 
 
+def _draws_random(model: nn.Module) -> bool:
+    """Whether the model's forward pass draws from torch's global RNG in training mode (dropout)."""
+    return any(isinstance(m, (nn.modules.dropout._DropoutNd, nn.RReLU)) for m in model.modules())
+
+
 class _MemberRNG:
-    """Context manager that swaps a member's private RNG state in and out of torch's global generator."""
+    """Context manager that swaps a member's private RNG state in and out of torch's global generator, holding
+    ``seeding.INIT_LOCK`` (so no other thread draws in between) and restoring the global state on exit."""
 
     def __init__(self, member: _Member, device: torch.device):
         self.member, self.device = member, device
 
     def __enter__(self):
+        INIT_LOCK.acquire()
+        self.saved = torch.get_rng_state()
+        self.saved_cuda = torch.cuda.get_rng_state(self.device) if self.member.cuda_rng is not None else None
         torch.set_rng_state(self.member.rng)
         if self.member.cuda_rng is not None:
             torch.cuda.set_rng_state(self.member.cuda_rng, self.device)
 
     def __exit__(self, *exc):
-        self.member.rng = torch.get_rng_state()
-        if self.member.cuda_rng is not None:
-            self.member.cuda_rng = torch.cuda.get_rng_state(self.device)
+        try:
+            self.member.rng = torch.get_rng_state()
+            torch.set_rng_state(self.saved)
+            if self.member.cuda_rng is not None:
+                self.member.cuda_rng = torch.cuda.get_rng_state(self.device)
+                torch.cuda.set_rng_state(self.saved_cuda, self.device)
+        finally:
+            INIT_LOCK.release()
         return False
 
 
@@ -248,21 +270,24 @@ def _train_step(member: _Member, images: torch.Tensor, masks: torch.Tensor, iter
     for group in opt.param_groups:
         group["lr"] = poly_lr(group["initial_lr"], iteration - 1, cfg.iterations, cfg.poly_power, cfg.min_lr)
     try:
-        with _MemberRNG(member, device):
-            model.train()
+        model.train()
+        if _draws_random(model):  # dropout: the member's own RNG stream, one thread at a time
+            with _MemberRNG(member, device):
+                logits = model(images)
+        else:
             logits = model(images)
-            loss = member.loss(logits, masks)
-            if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
-                shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
-                raise ValueError(f"loss must return a scalar tensor, got {shape}")
-            value = float(loss.detach())
-            if not math.isfinite(value):
-                member.result.iterations = iteration
-                member.stop("nan", f"loss was {value} at iteration {iteration}")
-                return None
-            opt.zero_grad(set_to_none=True)
-            loss.reshape(()).backward()
-            opt.step()
+        loss = member.loss(logits, masks)
+        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+            shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+            raise ValueError(f"loss must return a scalar tensor, got {shape}")
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            member.result.iterations = iteration
+            member.stop("nan", f"loss was {value} at iteration {iteration}")
+            return None
+        opt.zero_grad(set_to_none=True)
+        loss.reshape(()).backward()
+        opt.step()
     except Exception as exc:  # isolate one bad loss from the others
         member.result.iterations = iteration
         member.stop("failed", f"{type(exc).__name__}: {exc}"[:500])
@@ -295,12 +320,12 @@ def evaluate_models(models: Mapping[str, nn.Module], dataset: Dataset, cfg: Prox
     """
     meters = {
         name: SegmentationMetrics(num_classes, cfg.ignore_index, boundary=cfg.boundary,
-                                  boundary_width=cfg.boundary_width, tolerance=cfg.tolerance)
+                                  boundary_width=cfg.boundary_width, tolerance=cfg.tolerance, evaluator=cfg.evaluator)
         for name in models
     }
     errors: dict[str, Exception] = {}
     loader = DataLoader(dataset, batch_size=cfg.eval_batch_size, shuffle=False, num_workers=cfg.num_workers,
-                        collate_fn=_EvalCollate(cfg.model.input_size))
+                        collate_fn=_EvalCollate(cfg.model.input_size), generator=eval_loader_generator(cfg.seed))
     for model in models.values():
         model.eval()
     for images, masks in loader:
@@ -343,8 +368,8 @@ def train_proxy(
 
     if cfg.model.name == "unet":
         return _train_wave(losses, train_ds, eval_ds, cfg, target_metric, n_classes, device, on_progress)
-    torch.manual_seed(cfg.seed)
-    template = build_model(cfg.model, n_classes)
+    with seeded_init(cfg.seed):  # the initial weights depend on cfg.seed only, whatever runs in other threads
+        template = build_model(cfg.model, n_classes)
     members = _make_members(losses, template, cfg, device, target_metric)
     del template
     clock = {m.name: 0.0 for m in members}
@@ -392,9 +417,6 @@ def train_proxy(
 
 # --------------------------------------------------------------------------------------------------
 # Waves: M losses trained as one grouped network (components.tasks.segmentation.wave_unet).
-
-
-_INIT_LOCK = threading.Lock()
 
 
 def cpu_convolutions_without_onednn() -> None:
@@ -445,9 +467,9 @@ def _train_wave(losses: Mapping[str, nn.Module], train_ds: Dataset, eval_ds: Dat
                 stop(name, "failed", f"{type(exc).__name__}: {exc}", 0)
         elif not callable(loss):
             stop(name, "failed", f"TypeError: loss must be an nn.Module or callable, got {type(loss).__name__}", 0)
-    with _INIT_LOCK:  # seeding + drawing the initial weights from torch's global RNG: one thread at a time
-        torch.manual_seed(cfg.seed)
-        net = build_wave_model(cfg.model, n_classes, len(names)).to(device)
+    with seeded_init(cfg.seed):  # the initial weights depend on cfg.seed only, whatever runs in other threads
+        net = build_wave_model(cfg.model, n_classes, len(names))
+    net = net.to(device)
     optimizer = make_optimizer(net, cfg)
     active = [i for i, n in enumerate(names) if results[n].status == "ok"]
     busy = {n: 0.0 for n in names}
@@ -512,11 +534,11 @@ def evaluate_wave(net: nn.Module, members: Mapping[str, int], dataset: Dataset, 
     index = dict(members)
     meters = {
         name: SegmentationMetrics(num_classes, cfg.ignore_index, boundary=cfg.boundary,
-                                  boundary_width=cfg.boundary_width, tolerance=cfg.tolerance)
+                                  boundary_width=cfg.boundary_width, tolerance=cfg.tolerance, evaluator=cfg.evaluator)
         for name in index
     }
     loader = DataLoader(dataset, batch_size=cfg.eval_batch_size, shuffle=False, num_workers=cfg.num_workers,
-                        collate_fn=_EvalCollate(cfg.model.input_size))
+                        collate_fn=_EvalCollate(cfg.model.input_size), generator=eval_loader_generator(cfg.seed))
     net.eval()
     errors: dict[str, Exception] = {}
     for images, masks in loader:
