@@ -29,14 +29,20 @@ IOU_THRESHOLDS = {"mAP": tuple(np.round(np.linspace(0.5, 0.95, 10), 2).tolist())
 _ALIASES = {"map": "mAP", "ap": "mAP", "bbox_map": "mAP", "ap50": "AP50", "ap75": "AP75"}
 
 
-def canonical_metric_name(name: str) -> str:
-    """`name` as one of METRIC_NAMES (case-insensitive aliases: map, ap, ap50, ap75)."""
-    if name in METRIC_NAMES:
+def resolve_metric_name(name: str, names: Sequence[str], aliases: Mapping[str, str], what: str) -> str:
+    """`name` if it is one of `names`, else its case-insensitive alias; a one-line error naming `what`'s metrics.
+    (Shared by the COCO-metric tasks: detection, instance segmentation, pose.)"""
+    if name in names:
         return name
     key = str(name).lower()
-    if key in _ALIASES:
-        return _ALIASES[key]
-    raise LossforgeError(f"detection metric {name!r} unknown (known: {', '.join(METRIC_NAMES)})")
+    if key in aliases:
+        return aliases[key]
+    raise LossforgeError(f"{what} metric {name!r} unknown (known: {', '.join(names)})")
+
+
+def canonical_metric_name(name: str) -> str:
+    """`name` as one of METRIC_NAMES (case-insensitive aliases: map, ap, ap50, ap75)."""
+    return resolve_metric_name(name, METRIC_NAMES, _ALIASES, "detection")
 
 
 def detections_to_coco(image_ids: Sequence[int], outputs: Sequence[Mapping[str, Tensor]]) -> list[dict]:

@@ -19,8 +19,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from components.errors import LossforgeError
-from components.tasks.detection.metrics import IOU_THRESHOLDS as BOX_IOU_THRESHOLDS, coco_box_metrics, detections_to_coco
+from components.tasks.detection.metrics import (IOU_THRESHOLDS as BOX_IOU_THRESHOLDS, coco_box_metrics, detections_to_coco,
+                                               resolve_metric_name)
 
 METRIC_NAMES = ("mAP", "AP50", "AP75", "box_mAP")
 DEFAULT_METRIC = "mAP"
@@ -32,12 +32,7 @@ _ALIASES = {"map": "mAP", "ap": "mAP", "segm_map": "mAP", "mask_map": "mAP", "ap
 
 def canonical_metric_name(name: str) -> str:
     """`name` as one of METRIC_NAMES (case-insensitive aliases: map, segm_map, mask_map, ap50, ap75, bbox_map)."""
-    if name in METRIC_NAMES:
-        return name
-    key = str(name).lower()
-    if key in _ALIASES:
-        return _ALIASES[key]
-    raise LossforgeError(f"instance segmentation metric {name!r} unknown (known: {', '.join(METRIC_NAMES)})")
+    return resolve_metric_name(name, METRIC_NAMES, _ALIASES, "instance segmentation")
 
 
 def encode_mask(mask: np.ndarray) -> dict:

@@ -32,6 +32,7 @@ import torch
 from torch import Tensor
 
 from components.errors import LossforgeError
+from components.tasks.detection.metrics import resolve_metric_name
 
 METRIC_NAMES = ("AP", "AP50", "AP75")
 DEFAULT_METRIC = "AP"
@@ -46,12 +47,7 @@ CENTER_SIGMA = 0.07
 
 def canonical_metric_name(name: str) -> str:
     """`name` as one of METRIC_NAMES (case-insensitive aliases: ap, map, ap50, ap75)."""
-    if name in METRIC_NAMES:
-        return name
-    key = str(name).lower()
-    if key in _ALIASES:
-        return _ALIASES[key]
-    raise LossforgeError(f"pose metric {name!r} unknown (known: {', '.join(METRIC_NAMES)})")
+    return resolve_metric_name(name, METRIC_NAMES, _ALIASES, "pose")
 
 
 def category_sigmas(category: Mapping) -> np.ndarray:
