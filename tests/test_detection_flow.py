@@ -13,6 +13,7 @@ import pytest
 DET = {  # the demo profile's `tasks.detection` block is applied over `search`: the budget goes in there
     "evolution": {"initial_population": 2},
     "tasks": {"detection": {
+        "evolution": {"initial_population": 2, "seed_losses": []},  # random trees only (the demo seeds CE + GIoU)
         "search": {"budget": 2, "workers": 1, "losses_per_training": 2},
         "screening": {"samples": 3, "steps": 100, "lr": 0.01, "size": 64},
         "proxy": {"iterations": 4, "batch_size": 2, "eval_batch_size": 4, "seeds": [0]},

@@ -81,3 +81,25 @@ def test_config_digest_and_validation():
     for bad in (1, 0.5, -3, True, float("inf"), "5"):
         with pytest.raises(LossforgeError, match="max_gradient_ratio"):
             ScreeningConfig(max_gradient_ratio=bad)
+
+
+def test_multi_branch_fingerprint_is_per_branch(problem):
+    """Offspring that change one branch are not gradient-duplicates of their parent (measured on the detection
+    demo: on the whole probe the classification branches dominate the 2-digit norms, and such offspring were
+    reused with the parent's score instead of being trained)."""
+    from components.search.engine import SearchEngine
+    from components.search.evolution import EvolutionConfig
+    from components.tasks.detection.losses import GIOU_TREE, baseline_graph
+
+    seed = baseline_graph(GIOU_TREE)
+    branches = dict(seed.branches)
+    for name, text in (("cls_rpn", "tanh(sqrt(mul(y_hat,y)))"), ("cls_rcnn", "log(mul(add(y,y_hat),1))")):
+        branches[name] = Branch(parse_prefix(text, inputs=branch_inputs("detection", name)), 1.0)
+    variant = LossGraph("detection", branches)
+    engine = SearchEngine(problem, task="detection", config=EvolutionConfig(initial_population=4, budget=4),
+                          screening_config=ScreeningConfig(samples=2, steps=20, lr=0.01), seeds=[seed, variant])
+    first, second = engine.next_candidate(), engine.next_candidate()
+    assert (first.mutation, second.mutation) == ("seed", "seed") and engine.in_flight == 2  # not a duplicate
+    assert len(first.screening.fingerprint) == 4 * 2  # B = 2 norms per branch, four branches
+    assert first.screening.fingerprint[:2] != second.screening.fingerprint[:2]  # cls_rpn differs
+    assert first.screening.fingerprint[2:4] == second.screening.fingerprint[2:4]  # reg_rpn is the same tree

@@ -291,16 +291,27 @@ class SearchEngine:
 
     def _accept_joint(self, graph: Any) -> bool:
         """A graph whose branches each passed their own probe is accepted (paper A.2); its screening result
-        carries the gradient fingerprint on the whole probe (for the equivalence check) and, as g, the
-        lowest branch g."""
+        carries, for the equivalence check, the per-branch gradient fingerprints (each branch's tree at weight 1
+        on its own probe, concatenated in branch order) and, as g, the lowest branch g.
+
+        Per branch, not on the whole probe: there the classification branches' gradients dominate the norm, and
+        measured on the detection demo, offspring that changed a regression (or even a classification) tree kept
+        the parent's 2-digit norms and were reused as its duplicates without being trained."""
         import time
 
         from components.search.equivalence import gradient_fingerprint_or_none
+        from components.search.graph import Branch, LossGraph
         from components.search.screening import ACCEPTED, ScreeningResult
 
         start = time.perf_counter()
-        fingerprint = gradient_fingerprint_or_none(graph, self.problem, self.screening_config.samples)
+        parts = []
+        for name, branch in graph.branches.items():
+            problem = (self.problem_branches or {}).get(name, self.problem)
+            single = LossGraph(graph.task, {name: Branch(branch.tree, 1.0)})
+            parts.append(gradient_fingerprint_or_none(single, problem, self.screening_config.samples))
+        fingerprint = None if any(p is None for p in parts) else tuple(v for p in parts for v in p)
         scores = [s for s in (_finite(self._branch_scores.get(b)) for b in graph.branches) if s is not None]
+        self._branch_scores = {}  # a seed (handed out without branch screening) must not show the last graph's g
         self._last_screening = ScreeningResult(True, min(scores) if scores else None, ACCEPTED, fingerprint,
                                                time.perf_counter() - start, 0)
         self.counters["accepted"] += 1
