@@ -206,7 +206,9 @@ def test_ppo_search_through_the_flow_killed_and_resumed(tmp_path, monkeypatch):
     assert sorted(ids) == ["t000-mu", "t000-s000", "t000-s001", "t001-mu", "t001-s000", "t001-s001"]
     assert [s["step"] for s in state["policy_history"]] == [0, 1]
 
-    # MLflow: one nested run per trained θ, with its reward (and advantage for samples)
+    # MLflow: one nested run per trained θ, with its reward (and advantage for samples); artifact locations are
+    # relative to the project folder (a moved project keeps its artifacts), so the client reads from there
+    monkeypatch.chdir(tmp_path)
     client, parent, cands = _search_runs(tmp_path)
     by_key = {r.data.tags["lossforge.candidate_key"]: r for r in cands}
     assert sorted(by_key) == sorted(f"{r['id']}-{r['hash']}" for r in state["history"])
