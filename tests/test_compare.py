@@ -66,7 +66,7 @@ def test_loss_arguments_resolve_to_specs(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_compare_writes_the_table_for_the_requested_losses_and_seeds(tmp_path):
+def test_compare_writes_the_table_for_the_requested_losses_and_seeds(tmp_path, monkeypatch):
     from mlflow.tracking import MlflowClient
 
     from components.tasks.segmentation.shapes import generate_shapes
@@ -103,6 +103,7 @@ def test_compare_writes_the_table_for_the_requested_losses_and_seeds(tmp_path):
     test_ids = (tmp_path / "cmp2/splits/test.txt").read_text().split()
     assert len(test_ids) == 4 and test_ids == (tmp_path / "mine/ImageSets/Segmentation/val.txt").read_text().split()
 
+    monkeypatch.chdir(tmp_path)  # artifact locations are relative to the project folder (a moved project keeps them)
     client = MlflowClient(f"sqlite:///{tmp_path}/mlruns/mlflow.db")
     exp = client.get_experiment_by_name("lossforge/compare")
     runs = client.search_runs([exp.experiment_id], "tags.`lossforge.kind` = 'comparison'")
