@@ -60,10 +60,10 @@ def detections_to_coco(image_ids: Sequence[int], outputs: Sequence[Mapping[str, 
 
 
 def coco_metrics(ground_truth: Mapping, results: list[dict], iou_type: str = "bbox",
-                 names: Sequence[str] = METRIC_NAMES) -> dict[str, float]:
+                 names: Sequence[str] = METRIC_NAMES, sigmas: Sequence[float] | None = None) -> dict[str, float]:
     """`names` (the first COCOeval stats: AP, AP50, AP75) of COCO `results` against the COCO dict `ground_truth`
-    (pycocotools COCOeval, `iou_type` "bbox" or "segm"); NaN without annotations, 0 without results. The inputs
-    are copied: COCO.loadRes and createIndex modify what they are given."""
+    (pycocotools COCOeval, `iou_type` "bbox", "segm" or "keypoints" with the OKS `sigmas`); NaN without
+    annotations, 0 without results. The inputs are copied: COCO.loadRes and createIndex modify what they are given."""
     import copy
 
     from pycocotools.coco import COCO
@@ -80,6 +80,8 @@ def coco_metrics(ground_truth: Mapping, results: list[dict], iou_type: str = "bb
         gt.createIndex()
         dt = gt.loadRes(copy.deepcopy(results))
         ev = COCOeval(gt, dt, iouType=iou_type)
+        if sigmas is not None:
+            ev.params.kpt_oks_sigmas = np.asarray(sigmas, dtype=np.float64)
         ev.params.imgIds = sorted(gt.getImgIds())
         ev.evaluate()
         ev.accumulate()

@@ -22,8 +22,6 @@ for the screening probe.
 
 from __future__ import annotations
 
-import contextlib
-import io
 import math
 from typing import Mapping, Sequence
 
@@ -32,7 +30,7 @@ import torch
 from torch import Tensor
 
 from components.errors import LossforgeError
-from components.tasks.detection.metrics import resolve_metric_name
+from components.tasks.detection.metrics import coco_metrics, resolve_metric_name
 
 METRIC_NAMES = ("AP", "AP50", "AP75")
 DEFAULT_METRIC = "AP"
@@ -120,29 +118,8 @@ def keypoint_results(dataset, indices: Sequence[int], heatmaps: Tensor) -> list[
 def coco_keypoint_metrics(ground_truth: Mapping, results: list[dict], sigmas: np.ndarray,
                           names: Sequence[str] = METRIC_NAMES) -> dict[str, float]:
     """AP, AP50, AP75 (COCOeval keypoints stats 0-2) of `results` on the COCO dict `ground_truth` with `sigmas`;
-    NaN without annotations, 0 without results."""
-    import copy
-
-    from pycocotools.coco import COCO
-    from pycocotools.cocoeval import COCOeval
-
-    if not ground_truth.get("annotations"):
-        return {name: math.nan for name in names}
-    if not results:
-        return {name: 0.0 for name in names}
-    with contextlib.redirect_stdout(io.StringIO()):
-        gt = COCO()
-        gt.dataset = copy.deepcopy(dict(ground_truth))
-        gt.dataset.setdefault("info", {})
-        gt.createIndex()
-        dt = gt.loadRes(copy.deepcopy(results))
-        ev = COCOeval(gt, dt, iouType="keypoints")
-        ev.params.kpt_oks_sigmas = np.asarray(sigmas, dtype=np.float64)
-        ev.params.imgIds = sorted(gt.getImgIds())
-        ev.evaluate()
-        ev.accumulate()
-        ev.summarize()
-    return {name: max(float(v), 0.0) if v >= 0 else math.nan for name, v in zip(names, ev.stats[:3])}
+    NaN without annotations, 0 without results (detection's COCOeval runner with iouType "keypoints")."""
+    return coco_metrics(ground_truth, results, "keypoints", names, sigmas)
 
 
 def keypoint_metrics(dataset, results: list[dict]) -> dict[str, float]:
