@@ -60,9 +60,24 @@ def test_fingerprint_of_cross_entropy_matches_hand_derivation(problem):
     # CE = −Σ y·log(softmax(z)): ∂/∂z = softmax(z) − y at every pixel, so the norm is computed independently.
     z = problem.init_predictions.double()
     y = torch.nn.functional.one_hot(problem.targets, z.shape[-3]).movedim(-1, -3).double()
-    norms = (torch.softmax(z, dim=-3) - y).flatten(1).norm(dim=1)
-    expected = tuple(float(f"{v:.1e}") for v in norms.tolist())
+    grad = (torch.softmax(z, dim=-3) - y).flatten(1)
+    direction = torch.randn(grad.shape[1], generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    values = grad.norm(dim=1).tolist() + (grad @ direction).tolist()
+    expected = tuple(float(f"{v:.1e}") for v in values)
     assert gradient_fingerprint(CE, problem) == expected
+
+
+def test_negated_loss_is_not_equivalent_and_does_not_inherit_the_verdict(problem):
+    """-CE ascends: same gradient norms as CE, opposite projections, so it is screened on its own."""
+    minus_ce = seg(N("log", N("mul", L("y_hat"), L("y"))))  # CE is neg(log(mul(y_hat, y)))
+    fp, minus_fp = gradient_fingerprint(CE, problem), gradient_fingerprint(minus_ce, problem)
+    half = len(fp) // 2
+    assert fp[:half] == minus_fp[:half] and fp[half:] == tuple(-v for v in minus_fp[half:]) and fp != minus_fp
+    cache = EquivalenceCache(None, "k")
+    config = ScreeningConfig(samples=3, steps=60, lr=0.01)
+    first = screen(CE, problem, config, cache=cache)
+    second = screen(minus_ce, problem, config, cache=cache)
+    assert first.accepted and not second.cached and not second.accepted
 
 
 @pytest.mark.parametrize("a, b", [

@@ -100,6 +100,6 @@ def test_multi_branch_fingerprint_is_per_branch(problem):
                           screening_config=ScreeningConfig(samples=2, steps=20, lr=0.01), seeds=[seed, variant])
     first, second = engine.next_candidate(), engine.next_candidate()
     assert (first.mutation, second.mutation) == ("seed", "seed") and engine.in_flight == 2  # not a duplicate
-    assert len(first.screening.fingerprint) == 4 * 2  # B = 2 norms per branch, four branches
-    assert first.screening.fingerprint[:2] != second.screening.fingerprint[:2]  # cls_rpn differs
-    assert first.screening.fingerprint[2:4] == second.screening.fingerprint[2:4]  # reg_rpn is the same tree
+    assert len(first.screening.fingerprint) == 4 * 2 * 2  # B = 2 norms + 2 projections per branch, four branches
+    assert first.screening.fingerprint[:4] != second.screening.fingerprint[:4]  # cls_rpn differs
+    assert first.screening.fingerprint[4:8] == second.screening.fingerprint[4:8]  # reg_rpn is the same tree

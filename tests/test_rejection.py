@@ -59,14 +59,14 @@ def test_cross_entropy_passes_on_real_probe(problem):
     r = screen(CE, problem, PAPER)
     assert r.accepted and r.reason == "accepted"
     assert 0.6 <= r.score <= 1.0 and r.steps_run == 150
-    assert len(r.fingerprint) == 5
+    assert len(r.fingerprint) == 2 * 5  # 5 norms, 5 signed projections
 
 
 def test_target_agnostic_constant_loss_has_zero_gradient(problem):
     for root in (N("exp", L("y")), N("mean_nhw", N("add", L("y"), L("1")))):
         r = screen(seg(root), problem, PAPER)
         assert not r.accepted and r.reason == "zero_gradient"
-        assert r.score == 0.0 and r.steps_run == 0 and r.fingerprint == (0.0,) * 5
+        assert r.score == 0.0 and r.steps_run == 0 and r.fingerprint == (0.0,) * 10
 
 
 def test_exploding_loss_is_rejected_as_nan(problem):

@@ -144,7 +144,7 @@ def test_history_records_are_complete_and_screened(finished):
                     "fingerprint", "metrics", "status", "seconds", "target", "graph"):
             assert key in r
         assert r["screening_score"] >= STRICT.threshold > 0  # only accepted losses get here
-        assert len(r["fingerprint"]) == SCREENING.samples
+        assert len(r["fingerprint"]) == 2 * SCREENING.samples  # norms and signed projections
     json.dumps(finished.state_dict(), allow_nan=False)  # strict JSON for MLflow / state files
     first = finished.history[0]
     assert first["mutation"] == "init" and first["parent_id"] is None

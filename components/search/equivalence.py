@@ -1,7 +1,8 @@
 """Gradient-equivalence check (AutoLoss-Zero §3.2).
 
 The fingerprint of a loss is the tuple of the B per-sample gradient norms ‖∂L/∂ŷ_b‖₂ at the initial
-probe predictions (the variable the rejection protocol optimises: the logits), each rounded to two
+probe predictions, followed by the B signed projections ⟨∂L/∂ŷ_b, r⟩ on one fixed random direction r (the
+paper's norms alone would make -L, which ascends, "equivalent" to L and let it inherit L's verdict and score) (the variable the rejection protocol optimises: the logits), each rounded to two
 significant digits, with the paper's un-normalised objective. Two losses with equal fingerprints are
 treated as equivalent: the later one reuses the earlier outcome (screening verdict and, once it is
 known, its proxy score) instead of being screened / trained again.
@@ -32,7 +33,7 @@ Fingerprint = tuple[float, ...]
 
 
 def gradient_fingerprint(graph: "LossGraph", problem: "ScreeningProblem", samples: int | None = None) -> Fingerprint:
-    """The B gradient norms at the initial predictions, 2 significant digits.
+    """The B gradient norms and B signed projections at the initial predictions, 2 significant digits.
 
     Raises LossforgeError when the loss or a gradient is NaN/Inf (such a loss has no fingerprint).
     """

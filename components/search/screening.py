@@ -216,7 +216,8 @@ class ScreeningResult:
     """Outcome of screening one candidate.
 
     score is g (None when it could not be computed); reason is one of REASONS or "error: <msg>";
-    fingerprint is the rounded per-sample gradient norms at the initial predictions (None if non-finite);
+    fingerprint is the rounded per-sample gradient norms and signed projections at the initial predictions
+    (`fingerprint_from_grad`; None if non-finite);
     steps_run counts the SGD steps actually taken; cached is True when the outcome was reused from the
     gradient-equivalence cache.
     """
@@ -869,12 +870,31 @@ def round_significant(value: float, digits: int = 2) -> float:
     return float(f"{value:.{digits - 1}e}")
 
 
+_PROJECTIONS: dict[int, Tensor] = {}
+
+
+def _projection(size: int) -> Tensor:
+    """A fixed random direction of `size` elements (seed 0, float64), the same in every process."""
+    if size not in _PROJECTIONS:
+        generator = torch.Generator().manual_seed(0)
+        _PROJECTIONS[size] = torch.randn(size, generator=generator, dtype=torch.float64)
+    return _PROJECTIONS[size]
+
+
 def fingerprint_from_grad(grad: Tensor) -> tuple[float, ...] | None:
-    """Per-sample L2 norms of a `(B, ...)` gradient, 2 significant digits; None if any is non-finite."""
-    norms = torch.linalg.vector_norm(grad.detach().flatten(1).double(), dim=1).tolist()
-    if not all(math.isfinite(v) for v in norms):
+    """B per-sample L2 norms, then B signed projections on a fixed random direction, 2 significant digits.
+
+    The norms alone are blind to the gradient's direction: -L (which ascends) would share L's fingerprint
+    and inherit its verdict and proxy score. The projections carry the sign (and some of the direction).
+    None if any value is non-finite.
+    """
+    flat = grad.detach().flatten(1).double()
+    norms = torch.linalg.vector_norm(flat, dim=1).tolist()
+    projections = (flat @ _projection(flat.shape[1])).tolist()
+    values = norms + projections
+    if not all(math.isfinite(v) for v in values):
         return None
-    return tuple(round_significant(v, 2) for v in norms)
+    return tuple(round_significant(v, 2) + 0.0 for v in values)  # + 0.0: -0.0 -> 0.0
 
 
 def _one_line(exc: BaseException) -> str:
@@ -1163,7 +1183,7 @@ def _screen_naive(graph, problem, config: ScreeningConfig, start: float) -> Scre
     n = config.samples
     if n > problem.samples:
         raise LossforgeError(f"screening: config asks for {n} samples, the probe has {problem.samples}")
-    finals, norms, zero_first = [], [], []
+    finals, firsts, zero_first = [], [], []
     first_bad: tuple[int, int, str] | None = None  # (step, order, reason): the earliest NaN/Inf event
     for b in range(n):
         pred = problem.init_predictions[b : b + 1].detach().clone().requires_grad_(True)
@@ -1189,13 +1209,13 @@ def _screen_naive(graph, problem, config: ScreeningConfig, start: float) -> Scre
                 if config.normalize:  # the fingerprint uses the un-normalised objective
                     raw = _naive_loss(graph, problem, pred, target, valid, False)
                     g0 = torch.autograd.grad(raw, pred)[0] if torch.is_tensor(raw) and raw.requires_grad else g0 * 0
-                norms.append(float(torch.linalg.vector_norm(g0.double())))
+                firsts.append(g0.detach())
                 zero_first.append(not bool(g0.any()))
             if config.steps > 0:
                 optimizer.step()
         finals.append(pred.detach())
     elapsed = time.perf_counter() - start
-    fingerprint = None if not all(math.isfinite(v) for v in norms) else tuple(round_significant(v) for v in norms)
+    fingerprint = fingerprint_from_grad(torch.cat(firsts))
     if first_bad is not None:
         return ScreeningResult(False, None, first_bad[2], None if first_bad[0] == 0 else fingerprint, elapsed, config.steps)
     if any(not bool(torch.isfinite(f).all()) for f in finals):
