@@ -31,6 +31,8 @@ def test_pose_search_retrain_and_report_through_the_cli(tmp_path):
     write_tiny_params(tmp_path, **POSE)
     done = cli(["search", "--task", "pose"], tmp_path, timeout=540)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    for line in ("stage search", "proxy evaluations 2/2", "stage retrain", "re-training iteration"):  # not a tty
+        assert line in done.stdout, done.stdout
     out = tmp_path / "losses" / "pose-AP"
     summary = json.loads((out / "search.json").read_text())
     assert summary["task"] == "pose" and summary["metric"] == "AP"

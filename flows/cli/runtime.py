@@ -9,9 +9,10 @@ import os
 import signal
 import sys
 import threading
+import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
@@ -41,13 +42,53 @@ def configure_prefect(verbose: bool = False) -> None:
             os.environ.setdefault(f"PREFECT_LOGGING_HANDLERS_{handler}_LEVEL", "WARNING")
 
 
+def _search_info(data: dict[str, Any]) -> str:
+    counters = data.get("counters") or {}
+    info = ", ".join(f"{k}={counters[k]}" for k in ("generated", "accepted", "duplicates", "failed", "nan_stopped")
+                     if k in counters)
+    if data.get("best") is not None:
+        info = f"best={100 * data['best']:.1f}%" + (f" (CE {100 * data['ce']:.1f}%)" if data.get("ce") else "") \
+            + ", " + info
+    return info
+
+
+def _plain_lines(print_line: Callable[[str], None]) -> Callable[[str, dict[str, Any]], None]:
+    """The progress events as timestamped lines, for a console that is not a terminal (a log file, CI, docker
+    logs), where rich draws its bars only once at the end: a stage, every proxy evaluation, every 10 % of a
+    re-training, every warning."""
+    last = {"search": None, "retrain": None}
+
+    def on_event(kind: str, data: dict[str, Any]) -> None:
+        stamp = time.strftime("%H:%M:%S")
+        if kind == "stage" and data["name"] != "done":
+            print_line(f"{stamp} stage {data['name']}")
+        elif kind == "search" and data["done"] != last["search"]:
+            last["search"] = data["done"]
+            print_line(f"{stamp} proxy evaluations {data['done']}/{data['total']}  {_search_info(data)}")
+        elif kind == "warning":
+            print_line(f"{stamp} warning: {data.get('message', '')}")
+        elif kind == "retrain" and data.get("total"):
+            tenth = 10 * data["done"] // data["total"]
+            if tenth != last["retrain"]:
+                last["retrain"] = tenth
+                print_line(f"{stamp} re-training iteration {data['done']}/{data['total']}")
+
+    return on_event
+
+
 @contextmanager
 def progress_display(enabled: bool = True) -> Iterator[None]:
-    """Show the pipeline's stages and the search's proxy evaluations as rich progress bars."""
+    """Show the pipeline's stages and the search's proxy evaluations as rich progress bars (as plain lines when
+    the console is not a terminal)."""
     from flows import progress as events
 
     if not enabled:
         yield
+        return
+    if not console.is_terminal:
+        with events.listen(_plain_lines(lambda line: console.print(line, markup=False, highlight=False,
+                                                                   soft_wrap=True))):
+            yield
         return
     bars = Progress(
         SpinnerColumn(), TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -63,12 +104,7 @@ def progress_display(enabled: bool = True) -> Iterator[None]:
             if data["name"] != "done":
                 tasks[f"stage:{data['name']}"] = bars.add_task(data["name"], total=1, info="")
         elif kind == "search":
-            counters = data.get("counters") or {}
-            info = ", ".join(f"{k}={counters[k]}" for k in ("generated", "accepted", "duplicates", "failed",
-                                                            "nan_stopped") if k in counters)
-            if data.get("best") is not None:
-                info = f"best={100 * data['best']:.1f}%" + (f" (CE {100 * data['ce']:.1f}%)" if data.get("ce") else "") \
-                    + ", " + info
+            info = _search_info(data)
             if "search" not in tasks:
                 tasks["search"] = bars.add_task("  proxy evaluations", total=data["total"], info=info)
             bars.update(tasks["search"], completed=data["done"], info=info)

@@ -19,9 +19,6 @@ the MMDetection 1x schedule (12 COCO epochs at batch 16, lr 0.02, steps at epoch
 
 from __future__ import annotations
 
-import copy
-import math
-import time
 from dataclasses import dataclass
 from typing import Callable, Iterator, Mapping
 
@@ -32,6 +29,8 @@ from torch.utils.data import DataLoader, Dataset
 from components.errors import LossforgeError
 from components.tasks.base import ProxyResult
 from components.tasks.seeding import eval_loader_generator, seeded_init
+from components.tasks.side_by_side import (Member, ProgressCallback, make_members, optimisation_step,
+                                           train_and_evaluate)
 from components.tasks.detection.datasets import detection_collate
 from components.tasks.detection.losses import DetectionLoss
 from components.tasks.detection.metrics import METRIC_NAMES, BoxMetrics, canonical_metric_name
@@ -39,7 +38,6 @@ from components.tasks.detection.models import (MODEL_PRESETS, DetectorConfig, bu
                                                set_detection_loss)
 
 OPTIMIZERS = ("sgd", "adamw")
-ProgressCallback = Callable[[int, int, dict], None]
 
 
 @dataclass(frozen=True)
@@ -156,27 +154,6 @@ def training_batches(dataset: Dataset, cfg: ProxyConfig, *, flip_fn: FlipFn = _h
             yield list(images), list(targets)
 
 
-@dataclass
-class _Member:
-    name: str
-    loss: DetectionLoss
-    model: nn.Module | None
-    optimizer: torch.optim.Optimizer | None
-    result: ProxyResult
-
-    @property
-    def active(self) -> bool:
-        return self.result.status == "ok" and self.model is not None
-
-    def stop(self, status: str, message: str, iteration: int) -> None:
-        self.result.status, self.result.message, self.result.iterations = status, message[:500], iteration
-        self.model, self.optimizer = None, None
-
-
-def _one_line(exc: BaseException) -> str:
-    return " ".join(f"{type(exc).__name__}: {exc}".split())[:500]
-
-
 def make_optimizer(model: nn.Module, cfg: ProxyConfig) -> torch.optim.Optimizer:
     """SGD (momentum; the papers) or AdamW over the trainable parameters."""
     params = [p for p in model.parameters() if p.requires_grad]
@@ -189,35 +166,11 @@ def _to(images, targets, device):
     return [i.to(device, non_blocking=True) for i in images], [{k: v.to(device) for k, v in t.items()} for t in targets]
 
 
-def _train_step(member: _Member, images, targets, iteration: int, cfg: ProxyConfig) -> float | None:
+def _train_step(member: Member, batch, iteration: int, cfg: ProxyConfig) -> float | None:
     """One optimiser step of one member; the loss value, or None after stopping the member."""
-    model, opt = member.model, member.optimizer
-    for group in opt.param_groups:
-        group["lr"] = lr_at(cfg, iteration - 1)
-    try:
-        model.train()
-        losses = model(images, [dict(t) for t in targets])
-        total = sum(losses.values())
-        if not isinstance(total, torch.Tensor) or total.numel() != 1:
-            raise ValueError(f"detection loss must be a scalar, got {type(total).__name__}")
-        value = float(total.detach())
-        if not math.isfinite(value):
-            member.stop("nan", f"loss was {value} at iteration {iteration}", iteration)
-            return None
-        opt.zero_grad(set_to_none=True)
-        total.backward()
-        if cfg.grad_clip > 0:
-            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            if not math.isfinite(float(norm)):
-                member.stop("nan", f"gradient norm was {float(norm)} at iteration {iteration}", iteration)
-                return None
-        opt.step()
-    except Exception as exc:  # one bad loss never stops the others
-        member.stop("failed", _one_line(exc), iteration)
-        return None
-    member.result.iterations = iteration
-    member.result.final_loss = value
-    return value
+    images, targets = batch
+    return optimisation_step(member, lambda m: sum(m.model(images, [dict(t) for t in targets]).values()), iteration,
+                             lr_at(cfg, iteration - 1), grad_clip=cfg.grad_clip, what="detection loss")
 
 
 @torch.no_grad()
@@ -296,62 +249,17 @@ def train_proxy(
         cpu_convolutions_without_onednn()  # oneDNN convolutions are not safe in concurrent threads (see there)
     with seeded_init(cfg.seed):  # the initial weights depend on cfg.seed only, whatever runs in other threads
         template = build_model(cfg.model, num_classes)
-    members: list[_Member] = []
-    for name, loss in losses.items():
-        member = _Member(name, loss, None, None, ProxyResult(name=name, status="ok", target_metric=target_metric))
-        try:
-            if not isinstance(loss, loss_type):
-                article = "an" if loss_type.__name__[:1] in "AEIOU" else "a"
-                raise TypeError(f"loss must be {article} {loss_type.__name__}, got {type(loss).__name__}")
-            model = copy.deepcopy(template)
-            set_loss(model, loss)
-            seed_samplers(model, cfg.seed + 2)
-            member.model = model.to(device)
-            loss.to(device)
-            member.optimizer = make_optimizer(member.model, cfg)
-        except Exception as exc:
-            member.stop("failed", _one_line(exc), 0)
-        members.append(member)
-    del template
-    clock = {m.name: 0.0 for m in members}
-    stream = batches(train_ds, cfg)
-    for iteration in range(1, cfg.iterations + 1):
-        if not any(m.active for m in members):
-            break
-        images, targets = _to(*next(stream), device)
-        values: dict[str, float] = {}
-        for member in members:
-            if not member.active:
-                continue
-            start = time.perf_counter()
-            value = _train_step(member, images, targets, iteration, cfg)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            clock[member.name] += time.perf_counter() - start
-            if value is not None:
-                values[member.name] = value
-        if on_progress is not None:
-            on_progress(iteration, cfg.iterations, values)
-    alive = {m.name: m.model for m in members if m.active}
-    if alive:
-        start = time.perf_counter()
-        evaluated = evaluate(alive, eval_ds, cfg, device)
-        share = (time.perf_counter() - start) / len(alive)
-        for member in members:
-            if member.name not in evaluated:
-                continue
-            clock[member.name] += share
-            outcome = evaluated[member.name]
-            if isinstance(outcome, Exception):
-                member.stop("failed", "evaluation: " + _one_line(outcome), member.result.iterations)
-            else:
-                member.result.metrics = dict(outcome)
-                member.result.target = outcome[target_metric]
-                member.model, member.optimizer = None, None
-    for member in members:
-        member.result.seconds = clock[member.name]
-    return {m.name: m.result for m in members}
 
+    def install(model: nn.Module, loss) -> None:
+        set_loss(model, loss)
+        seed_samplers(model, cfg.seed + 2)
+
+    members = make_members(losses, template, target_metric, loss_type, lambda m: make_optimizer(m, cfg), device,
+                           prepare=install)
+    del template
+    stream = (_to(*batch, device) for batch in batches(train_ds, cfg))
+    return train_and_evaluate(members, stream, lambda m, b, i: _train_step(m, b, i, cfg), cfg.iterations, device,
+                              target_metric, lambda alive: evaluate(alive, eval_ds, cfg, device), on_progress)
 
 __all__ = ["PAPER_PROXY", "PAPER_RETRAIN", "ProxyConfig", "RetrainConfig", "evaluate_models", "lr_at",
            "train_proxy", "training_batches", "METRIC_NAMES"]

@@ -17,11 +17,9 @@ scored with ``metrics.keypoint_metrics`` (AP, AP50, AP75).
 
 from __future__ import annotations
 
-import copy
 import math
-import time
 from dataclasses import dataclass
-from typing import Callable, Iterator, Mapping
+from typing import Iterator, Mapping
 
 import torch
 from torch import nn
@@ -34,9 +32,9 @@ from components.tasks.pose.losses import PoseLoss
 from components.tasks.pose.metrics import METRIC_NAMES, KeypointMeter, canonical_metric_name
 from components.tasks.pose.models import MODEL_PRESETS, PoseModelConfig, build_pose_model, model_preset
 from components.tasks.seeding import eval_loader_generator, seeded_init
+from components.tasks.side_by_side import Member, ProgressCallback, make_members, optimisation_step, train_and_evaluate
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
-ProgressCallback = Callable[[int, int, dict], None]
 
 
 @dataclass(frozen=True)
@@ -132,53 +130,12 @@ def training_batches(dataset: PoseDataset, cfg: ProxyConfig) -> Iterator[tuple[t
         yield from loader
 
 
-@dataclass
-class _Member:
-    name: str
-    loss: PoseLoss
-    model: nn.Module | None
-    optimizer: torch.optim.Optimizer | None
-    result: ProxyResult
-
-    @property
-    def active(self) -> bool:
-        return self.result.status == "ok" and self.model is not None
-
-    def stop(self, status: str, message: str, iteration: int) -> None:
-        self.result.status, self.result.message, self.result.iterations = status, message[:500], iteration
-        self.model, self.optimizer = None, None
-
-
-def _one_line(exc: BaseException) -> str:
-    return " ".join(f"{type(exc).__name__}: {exc}".split())[:500]
-
-
-def _train_step(member: _Member, images, targets, iteration: int, cfg: ProxyConfig) -> float | None:
-    model, opt = member.model, member.optimizer
-    for group in opt.param_groups:
-        group["lr"] = lr_at(cfg, iteration - 1)
-    try:
-        model.train()
-        total = member.loss(model(images), targets["heatmaps"], targets["weights"])
-        if not isinstance(total, torch.Tensor) or total.numel() != 1:
-            raise ValueError(f"pose loss must be a scalar, got {type(total).__name__}")
-        value = float(total.detach())
-        if not math.isfinite(value):
-            member.stop("nan", f"loss was {value} at iteration {iteration}", iteration)
-            return None
-        opt.zero_grad(set_to_none=True)
-        total.backward()
-        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
-        if not math.isfinite(float(norm)):
-            member.stop("nan", f"gradient norm was {float(norm)} at iteration {iteration}", iteration)
-            return None
-        opt.step()
-    except Exception as exc:  # one bad loss never stops the others
-        member.stop("failed", _one_line(exc), iteration)
-        return None
-    member.result.iterations = iteration
-    member.result.final_loss = value
-    return value
+def _train_step(member: Member, batch, iteration: int, cfg: ProxyConfig) -> float | None:
+    """One optimiser step of one member (the gradient norm is always checked); None after stopping it."""
+    images, targets = batch
+    return optimisation_step(member, lambda m: m.loss(m.model(images), targets["heatmaps"], targets["weights"]),
+                             iteration, lr_at(cfg, iteration - 1), grad_clip=cfg.grad_clip, check_gradient=True,
+                             what="pose loss")
 
 
 @torch.no_grad()
@@ -230,60 +187,12 @@ def train_proxy(losses: Mapping[str, PoseLoss], train_ds: Dataset, eval_ds: Data
         cpu_convolutions_without_onednn()
     with seeded_init(cfg.seed):
         template = build_pose_model(cfg.model, train_ds.num_keypoints)
-    members: list[_Member] = []
-    for name, loss in losses.items():
-        member = _Member(name, loss, None, None, ProxyResult(name=name, status="ok", target_metric=target_metric))
-        try:
-            if not isinstance(loss, PoseLoss):
-                raise TypeError(f"loss must be a PoseLoss, got {type(loss).__name__}")
-            member.model = copy.deepcopy(template).to(device)
-            loss.to(device)
-            member.optimizer = make_optimizer(member.model, cfg)
-        except Exception as exc:
-            member.stop("failed", _one_line(exc), 0)
-        members.append(member)
+    members = make_members(losses, template, target_metric, PoseLoss, lambda m: make_optimizer(m, cfg), device)
     del template
-    clock = {m.name: 0.0 for m in members}
-    stream = training_batches(train_ds, cfg)
-    for iteration in range(1, cfg.iterations + 1):
-        if not any(m.active for m in members):
-            break
-        images, targets = next(stream)
-        images = images.to(device)
-        targets = {k: v.to(device) for k, v in targets.items()}
-        values: dict[str, float] = {}
-        for member in members:
-            if not member.active:
-                continue
-            start = time.perf_counter()
-            value = _train_step(member, images, targets, iteration, cfg)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            clock[member.name] += time.perf_counter() - start
-            if value is not None:
-                values[member.name] = value
-        if on_progress is not None:
-            on_progress(iteration, cfg.iterations, values)
-    alive = {m.name: m.model for m in members if m.active}
-    if alive:
-        start = time.perf_counter()
-        evaluated = evaluate_models(alive, eval_ds, cfg, device)
-        share = (time.perf_counter() - start) / len(alive)
-        for member in members:
-            if member.name not in evaluated:
-                continue
-            clock[member.name] += share
-            outcome = evaluated[member.name]
-            if isinstance(outcome, Exception):
-                member.stop("failed", "evaluation: " + _one_line(outcome), member.result.iterations)
-            else:
-                member.result.metrics = dict(outcome)
-                member.result.target = outcome[target_metric]
-                member.model, member.optimizer = None, None
-    for member in members:
-        member.result.seconds = clock[member.name]
-    return {m.name: m.result for m in members}
-
+    stream = ((images.to(device), {k: v.to(device) for k, v in targets.items()})
+              for images, targets in training_batches(train_ds, cfg))
+    return train_and_evaluate(members, stream, lambda m, b, i: _train_step(m, b, i, cfg), cfg.iterations, device,
+                              target_metric, lambda alive: evaluate_models(alive, eval_ds, cfg, device), on_progress)
 
 __all__ = ["METRIC_NAMES", "PAPER_PROXY", "PAPER_RETRAIN", "ProxyConfig", "RetrainConfig", "evaluate_models", "lr_at",
            "train_proxy", "training_batches"]
