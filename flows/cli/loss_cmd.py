@@ -171,19 +171,32 @@ def export(
     file: Path = typer.Argument(..., help="Loss JSON file."),
     out: Path = typer.Option(..., "-o", "--out", help="Output .py file."),
     class_name: str = typer.Option("SearchedLoss", help="Name of the nn.Module class."),
+    format: str = typer.Option("py", "--format", help="py (standalone nn.Module), or an OpenMMLab config snippet "
+                               "plus the loss JSON next to it: mmseg, mmdet, mmpose."),
+    base: Optional[Path] = typer.Option(None, "--base", help="mmseg/mmdet/mmpose: the config the snippet inherits "
+                                        "(_base_), whose losses it replaces."),
 ) -> None:
-    """Write the loss as a standalone .py file defining an nn.Module (needs only torch)."""
+    """Write the loss as a standalone .py file defining an nn.Module (needs only torch), or as an OpenMMLab
+    config snippet (--format mmseg|mmdet|mmpose)."""
     from components.search.export import write_module
     from components.search.graph_json import load_graph
 
     if not class_name.isidentifier():
         raise LossforgeError(f"--class-name {class_name!r} is not a Python identifier")
-    graph = load_graph(file)
     if out.is_dir():
         raise LossforgeError(f"--out: {out} is a folder; give the .py file to write (e.g. {out / 'loss.py'})")
     if out.exists() and out.resolve() == file.resolve():
         raise LossforgeError(f"--out: {out} is the input loss file; give another path (e.g. {file.with_suffix('.py')})")
     if any(p.exists() and not p.is_dir() for p in out.parents):
         raise LossforgeError(f"--out: {out}: a parent of it is a file, not a folder")
+    if format != "py":
+        from components.openmmlab.snippets import export_snippet
+
+        snippet, loss_copy = export_snippet(file, format, out, base=base)
+        console.print(f"wrote {snippet} ({format} config) and {loss_copy}")
+        return
+    if base is not None:
+        raise LossforgeError("--base is for --format mmseg|mmdet|mmpose")
+    graph = load_graph(file)
     path = write_module(graph, out, class_name=class_name)
     console.print(f"wrote {path} (class {class_name}: forward(inputs_per_branch, valid=None))")
