@@ -25,6 +25,16 @@ over the four branches: K random trees, then offspring of trees drawn from the b
 search breeds them) on each branch's probe (`problem.branch_problems`); figures are per branch, then in total.
 
     python bench/screening.py --task detection --candidates 40 --size 64 --samples 3 --steps 100 --lr 0.01
+
+`--method cse` benchmarks CSE-AutoLoss's two screening stages instead (components/cse): a seeded stream of
+`detection_cse` graphs (K random ones, then offspring, `cse` operators) goes through the convergence-property
+checks (both trees) and the verified ones through the model-optimisation simulation (the CPU detector on the
+embedded shapes data, `cse:` defaults unless given). Prints each stage's rate (candidates/min) and the fraction it
+rejects, by reason; to compare, every `--simulate-rejected-every`-th candidate the convergence stage rejected is
+simulated too, which estimates the rate of screening by simulation alone; the last line is
+`ratio: <funnel rate / simulation-alone rate>x`.
+
+    python bench/screening.py --method cse --candidates 500
 """
 
 from __future__ import annotations
@@ -121,9 +131,19 @@ def main(argv=None) -> None:
     ap.add_argument("--early-check-step", type=int, default=None,
                     help="also time the real implementation with the optional early check at this step "
                          "(can falsely reject; reported separately, the last line stays the default config)")
+    ap.add_argument("--method", default="evolution", choices=("evolution", "cse"),
+                    help="evolution: the loss-rejection protocol (above); cse: CSE-AutoLoss's convergence checks and "
+                         "optimisation simulation")
+    ap.add_argument("--images-per-class", type=int, default=None, help="cse: simulation images per class")
+    ap.add_argument("--sim-iterations", type=int, default=None, help="cse: simulation SGD steps")
+    ap.add_argument("--simulate-rejected-every", type=int, default=25,
+                    help="cse: also simulate every k-th candidate the convergence checks rejected (for the ratio)")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.method == "cse":
+        cse_main(args)
+        return
     args.metric = args.metric or get_task(args.task).default_metric
 
     load = os.getloadavg()
@@ -233,6 +253,106 @@ def bench_one(args, stream, problem, base):
     figures = {"naive_n": k, "naive_s": naive_s, "real_n": n, "real_s": real_s, "accepted": accepted,
                "same_verdict": same_verdict, "same_reason": same_reason}
     return figures, differ
+
+
+def cse_stream(count: int, seed: int, initial: int = 20):
+    """`count` detection_cse graphs (cls + reg trees, `cse` operators): `initial` random ones, then offspring of
+    parents drawn uniformly from the stream."""
+    gen = TreeGenerator("cse", depth=3, rng=random.Random(f"cse-{seed}"))
+    stream = []
+    for i in range(count):
+        stream.append(gen.random_graph("detection_cse") if i < initial
+                      else gen.offspring(stream[gen.rng.randrange(len(stream))])[0])
+    return stream
+
+
+def cse_main(args) -> None:
+    """CSE-AutoLoss's funnel: convergence checks, then the optimisation simulation of the verified graphs."""
+    import dataclasses
+
+    from components.cse.config import CSEConfig
+    from components.cse.convergence import build_probe, check_branch
+    from components.cse.simulation import OptimizationSimulator
+    from components.tasks.detection.trainer import ProxyConfig
+
+    defaults = CSEConfig()
+    images = args.images_per_class or defaults.images_per_class
+    iterations = args.sim_iterations or defaults.simulation_iterations
+    task = get_task("detection")
+    with tempfile.TemporaryDirectory(prefix="lf-bench-cse-") as tmp:
+        task.ensure_embedded_data(tmp, num_train=64, num_test=1, image_size=64, seed=args.seed)
+        dataset = task.open_dataset(tmp, split="train")
+        simulator = OptimizationSimulator(dataset, ProxyConfig(device="cpu"), images_per_class=images,
+                                          iterations=iterations, batch_size=defaults.simulation_batch_size,
+                                          lr=defaults.simulation_lr, min_gain=defaults.min_ap_gain,
+                                          min_ratio=defaults.min_ap_ratio, seed=args.seed)
+        load = os.getloadavg()
+        print(f"settings: method cse, {args.candidates} candidates (detection_cse, cse operators, depth 3), "
+              f"simulation: {len(simulator.ids)} images ({images} per class), {iterations} SGD steps at batch "
+              f"{simulator.config.batch_size}, CPU detector {simulator.config.model.name} at "
+              f"{simulator.config.model.min_size} px, seed {args.seed}, torch threads {torch.get_num_threads()}")
+        print(f"load average at start: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
+        t0 = time.perf_counter()
+        initial_ap = simulator.initial_ap
+        print(f"untrained detector: AP {initial_ap:.4f} on the simulation images ({time.perf_counter() - t0:.1f} s, once)")
+        if simulator.min_ratio > 0:
+            t0 = time.perf_counter()
+            print(f"reference CE + GIoU: AP {simulator.reference_ap:.4f} ({time.perf_counter() - t0:.1f} s, once); "
+                  f"a candidate needs AP > {initial_ap:.4f} + {simulator.min_gain:g} and >= {simulator.min_ratio:g} x that")
+        stream = cse_stream(args.candidates, args.seed)
+        probe = build_probe(args.seed)
+        conv_reasons, verified, rejected = collections.Counter(), [], []
+        t0 = time.perf_counter()
+        for graph in stream:
+            for branch, b in graph.branches.items():
+                verdict = check_branch(branch, b.tree, probe)
+                if not verdict.accepted:
+                    conv_reasons[verdict.reason] += 1
+                    rejected.append(graph)
+                    break
+            else:
+                verified.append(graph)
+        conv_s = time.perf_counter() - t0
+        sim_reasons, sim_times, accepted, seen = collections.Counter(), [], [], {}
+        t0 = time.perf_counter()
+        for graph in verified:
+            result = seen.get(graph.hash()) or simulator.simulate(graph)  # the method reuses a verdict by hash
+            if graph.hash() not in seen:
+                sim_times.append(result.seconds)
+            seen[graph.hash()] = result
+            if result.accepted:
+                accepted.append((graph, result))
+            else:
+                sim_reasons[result.reason] += 1
+        sim_s = time.perf_counter() - t0
+        sampled = rejected[:: max(1, args.simulate_rejected_every)]
+        sampled_results = [simulator.simulate(g) for g in sampled]
+        n, v, a = len(stream), len(verified), len(accepted)
+        print(f"convergence checks: {n} candidates in {conv_s:.2f} s = {n / conv_s * 60:.0f} candidates/min "
+              f"({conv_s / n * 1000:.1f} ms each); rejected {n - v}/{n} ({(n - v) / n:.1%}): "
+              f"{dict(sorted(conv_reasons.items()))}")
+        if v:
+            print(f"simulation: {v} verified candidates in {sim_s:.1f} s = {v / sim_s * 60:.1f} candidates/min "
+                  f"({len(sim_times)} simulated, {v - len(sim_times)} reused by hash); rejected {v - a}/{v} "
+                  f"({(v - a) / v:.1%}): {dict(sorted(sim_reasons.items()))}")
+        for graph, result in accepted[:5]:
+            print(f"  accepted: AP {result.ap:.4f}  {graph.formula()!r}")
+        funnel_s = conv_s + sim_s
+        print(f"funnel: {n} candidates in {funnel_s:.1f} s = {n / funnel_s * 60:.1f} candidates/min; "
+              f"accepted {a}/{n} ({a / n:.2%}), rejected {(n - a) / n:.1%}")
+        all_sims = sim_times + [r.seconds for r in sampled_results]
+        if not all_sims:
+            print("no candidate was simulated: no ratio (raise --candidates)")
+            return
+        per_sim = sum(all_sims) / len(all_sims)
+        would = sum(r.accepted for r in sampled_results)
+        print(f"simulation alone: {per_sim:.2f} s per candidate over {len(all_sims)} simulations = "
+              f"{60 / per_sim:.1f} candidates/min; of {len(sampled)} sampled convergence-rejected candidates the "
+              f"simulation alone would have accepted {would} (their AP: "
+              f"{', '.join(f'{r.ap:.4f}' if r.ap is not None else r.status for r in sampled_results)})")
+        load = os.getloadavg()
+        print(f"load average at end: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
+        print(f"ratio: {(n / funnel_s) / (1 / per_sim):.1f}x")
 
 
 if __name__ == "__main__":

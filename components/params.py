@@ -39,6 +39,7 @@ COMPONENT_SECTIONS: dict[str, tuple[str, str, frozenset[str]]] = {
     "proxy": ("task", "proxy_config_class", frozenset({"seeds"})),
     "retrain": ("task", "retrain_config_class", frozenset({"baselines", "seeds", "top_k"})),
     "ppo": ("components.surrogates.ppo", "PPOConfig", frozenset({"metrics", "pieces", "family"})),
+    "cse": ("components.cse.config", "CSEConfig", frozenset()),
 }
 
 
@@ -201,6 +202,7 @@ class Params(BaseModel):
     proxy: dict[str, Any] = {}
     retrain: dict[str, Any] = {}
     ppo: dict[str, Any] = {}
+    cse: dict[str, Any] = {}  # search method `cse` (components/cse/config.py)
     report: ReportParams = ReportParams()
     tracking: TrackingParams = TrackingParams()
     profiles: dict[str, dict[str, Any]] = {}
@@ -231,6 +233,8 @@ class Params(BaseModel):
             "proxy": {k: v for k, v in self.proxy.items() if k != "seeds"},
             "ppo": self.ppo,
         }
+        if self.search.method == "cse":  # only cse searches: the ids of the other searches stay as they were
+            keep["cse"] = self.cse
         blob = json.dumps(keep, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:10]
 
@@ -378,6 +382,9 @@ def _validate(raw: Mapping[str, Any], source: str, profiles: Mapping[str, Any],
             except ImportError:
                 continue
         params.config(section)
+    if params.search.method == "cse" and params.search.task != "detection":
+        raise ParamsError(f"{source}: search.method: 'cse' searches detection losses (search.task is "
+                          f"{params.search.task!r})")
     return params
 
 

@@ -106,6 +106,7 @@ _REGISTRY: dict[str, type[SearchMethod]] = {}
 _BUILTIN: dict[str, str] = {
     "evolution": "components.search.evolution_method",
     "ppo": "components.surrogates.ppo_method",
+    "cse": "components.cse.method",
 }
 
 

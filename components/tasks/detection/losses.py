@@ -25,7 +25,9 @@ defaults (CE / smooth L1, weight 1), the setting in which the paper reports sing
 
 Baselines (``BASELINES``): ``ce_smoothl1`` (torchvision's own losses), ``ce_giou`` and ``ce_iou`` (CE for both
 classification branches, GIoU / IoU loss for both regression branches, weights 1 and 10 as the paper, [48]);
-the last two are loss graphs, so they run through exactly the same code as searched losses.
+the last two are loss graphs, so they run through exactly the same code as searched losses. ``cse_autoloss_a`` and
+``cse_autoloss_b`` are CSE-AutoLoss's published losses (components/cse/: their trees on the R-CNN head, CE + GIoU on
+the RPN); a loss that sets ``box_iou_weight`` gets CSE-AutoLoss's IoU weight ``w`` as ``classification(..., iou=)``.
 """
 
 from __future__ import annotations
@@ -182,8 +184,17 @@ BASELINES: dict[str, Callable[[], DetectionLoss]] = {
     "ce_smoothl1": TorchvisionLoss,
     "ce_giou": lambda: GraphDetectionLoss(baseline_graph(GIOU_TREE)),
     "ce_iou": lambda: GraphDetectionLoss(baseline_graph(IOU_TREE)),
+    # CSE-AutoLoss's published losses on the R-CNN head (components/cse/losses.py; RPN: CE + GIoU)
+    "cse_autoloss_a": lambda: _cse_published("cse_autoloss_a"),
+    "cse_autoloss_b": lambda: _cse_published("cse_autoloss_b"),
 }
 """Handcrafted detection losses by name."""
+
+
+def _cse_published(name: str) -> DetectionLoss:
+    from components.cse.losses import published_loss
+
+    return published_loss(name)
 
 
 def baseline_loss(name: str) -> DetectionLoss:
@@ -308,15 +319,27 @@ class BranchLossRoIHeads(_LossHolder, RoIHeads):
         labels = torch.cat(labels, dim=0)
         regression_targets = torch.cat(regression_targets, dim=0)
         loss = self.detection_loss
-        cls = loss.classification("cls_rcnn", class_logits, labels)
-        pos = torch.where(labels > 0)[0]
         n = class_logits.shape[0]
+        # CSE-AutoLoss's IoU weight w (components/cse/losses.py): only for losses that ask for it
+        iou = {"iou": self.sample_ious(box_regression, labels, proposals, matched_gt_boxes)} if getattr(
+            loss, "box_iou_weight", False) else {}
+        cls = loss.classification("cls_rcnn", class_logits, labels, **iou)
+        pos = torch.where(labels > 0)[0]
         pred_deltas = box_regression.reshape(n, box_regression.size(-1) // 4, 4)[pos, labels[pos]]
         pred_boxes = self.box_coder.decode_single(pred_deltas, proposals[pos])
         reg = loss.regression("reg_rcnn", pred_deltas=pred_deltas, target_deltas=regression_targets[pos],
                               pred_boxes=pred_boxes, target_boxes=matched_gt_boxes[pos], num_sampled=labels.numel())
         return {LOSS_KEYS["cls_rcnn"]: _weighted(loss, "cls_rcnn", cls),
                 LOSS_KEYS["reg_rcnn"]: _weighted(loss, "reg_rcnn", reg)}
+
+    def sample_ious(self, box_regression: Tensor, labels: Tensor, proposals: Tensor, matched_gt_boxes: Tensor) -> Tensor:
+        """IoU (no gradient) of each sampled proposal's decoded box for its labelled class with its matched
+        ground-truth box; 0 for background proposals."""
+        with torch.no_grad():
+            n = box_regression.shape[0]
+            deltas = box_regression.reshape(n, box_regression.size(-1) // 4, 4)[torch.arange(n, device=labels.device), labels]
+            inter, union, _ = box_areas(self.box_coder.decode_single(deltas, proposals), matched_gt_boxes)
+            return torch.where(labels > 0, inter / union.clamp(min=1e-6), torch.zeros_like(inter))
 
 
 def branch_values(loss_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:

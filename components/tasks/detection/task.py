@@ -76,6 +76,10 @@ class DetectionTask(Task):
     # ------------------------------------------------------------------ losses
     graph_loss = "GraphDetectionLoss"  # the `losses` module's class that trains a searched graph
 
+    def known_baselines(self) -> list[str]:
+        """Every named loss of the `losses` module (`retrain.baselines`, `lossforge compare`)."""
+        return list(self._module("losses").BASELINES)
+
     def build_loss(self, spec: str | Mapping[str, Any], dataset: Any = None):
         from components.search.graph import LossGraph
 
@@ -83,7 +87,7 @@ class DetectionTask(Task):
         graph_loss = getattr(losses, self.graph_loss)
         what = f"{self.name.replace('_', ' ')} loss"
         if isinstance(spec, LossGraph):
-            return graph_loss(self._task_graph(spec))
+            return self._graph_loss(spec, graph_loss)
         if isinstance(spec, (str, Path)):
             text = str(spec)
             if text in losses.BASELINES:
@@ -104,7 +108,16 @@ class DetectionTask(Task):
         unknown = [k for k in spec if k not in GRAPH_KEYS]
         if unknown:
             raise LossforgeError(f"loss type 'graph': unknown key(s) {', '.join(map(str, unknown))} (accepted: graph, path)")
-        return graph_loss(self._task_graph(self._graph(spec)))
+        return self._graph_loss(self._graph(spec), graph_loss)
+
+    def _graph_loss(self, graph: Any, graph_loss: type) -> Any:
+        """The training loss of a graph: CSE-AutoLoss graphs (task `detection_cse`) on detection's R-CNN head
+        (components/cse/losses.py), else `graph_loss` of a graph of this task."""
+        if graph.task == "detection_cse" and self.name == "detection":
+            from components.cse.losses import CSEDetectionLoss
+
+            return CSEDetectionLoss(graph)
+        return graph_loss(self._task_graph(graph))
 
     def _task_graph(self, graph: Any) -> Any:
         """`graph` if it is a loss of this task (else a one-line error)."""
