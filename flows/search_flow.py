@@ -26,7 +26,7 @@ from components.atomic_io import write_json_atomic
 from components.errors import LossforgeError
 from components.params import Params
 from flows import progress
-from components.search.method import SearchMethod, make_method, method_names
+from components.search.method import SearchMethod, get_method_class, make_method, method_names
 from components.tasks.base import all_metric_names, task_names
 from flows.methods import log_method_tracking
 from flows.run_config import data_spec, losses_dir, make_tracker, reports_dir, resolve_params, state_dir  # noqa: F401
@@ -146,8 +146,10 @@ def search_loop_flow(params: Params, data: dict[str, str]) -> dict[str, Any]:
     with timeline.measure("screening"):  # the probe problem: B samples + a random network's predictions
         train_ds = open_split(data["path"], data["train"], task.name)
         screen_cfg = params.config("screening")
-        problem = task.screening_problem(train_ds, params.search.metric, samples=screen_cfg.samples,
-                                         size=params.section_extra("screening", "size", 64), seed=params.search.seed)
+        problem = None
+        if get_method_class(params.search.method).uses_screening_problem:
+            problem = task.screening_problem(train_ds, params.search.metric, samples=screen_cfg.samples,
+                                             size=params.section_extra("screening", "size", 64), seed=params.search.seed)
         method = make_method(params, problem, state)
 
     def warn(message: str) -> None:  # "N candidates rejected in a row, best g ..." reaches the log and the console

@@ -183,3 +183,21 @@ def test_cse_search_through_the_cli(tmp_path):
     with sqlite3.connect(tmp_path / "mlruns" / "mlflow.db") as db:  # the cse funnel on the parent run
         logged = {k for (k,) in db.execute("select distinct key from metrics where key like 'funnel_%'")}
     assert {"funnel_simulated", "funnel_verified_branches", "funnel_evaluated"} <= logged
+
+
+def test_a_searched_cse_loss_file_is_a_detection_loss_for_compare(tmp_path):
+    """`lossforge compare --task detection best.json` takes the `detection_cse` file a cse search writes."""
+    from components.cse.published import published_graph
+    from components.search.graph_json import save_graph
+    from flows.cli.compare_cmd import resolve_loss
+
+    path = tmp_path / "best.json"
+    save_graph(published_graph("cse_autoloss_a"), path, name="best")
+    name, spec = resolve_loss(str(path), "detection")
+    assert name == "best" and spec == {"type": "graph", "path": str(path.resolve())}
+    from components.tasks.base import get_task
+
+    assert type(get_task("detection").build_loss(spec)).__name__ == "CSEDetectionLoss"
+    for task in ("segmentation", "instance_segmentation"):
+        with pytest.raises(LossforgeError, match="a detection_cse loss, but the task is"):
+            resolve_loss(str(path), task)

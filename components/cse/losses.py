@@ -83,6 +83,11 @@ class CSEDetectionLoss(DetectionLoss):
         return self.graph.formula()
 
 
+def graph_loss(graph: Any) -> CSEDetectionLoss:
+    """A `detection_cse` graph as a detection loss (the detection task's GRAPH_TASK_LOSSES entry)."""
+    return CSEDetectionLoss(graph)
+
+
 def published_loss(name: str) -> CSEDetectionLoss:
     """`cse_autoloss_a` / `cse_autoloss_b` (or another name of `published.PUBLISHED`) as a detection loss."""
     from components.cse.published import published_graph
@@ -90,4 +95,4 @@ def published_loss(name: str) -> CSEDetectionLoss:
     return CSEDetectionLoss(published_graph(name))
 
 
-__all__ = ["BRANCH_OF", "CSEDetectionLoss", "classification_inputs", "published_loss"]
+__all__ = ["BRANCH_OF", "CSEDetectionLoss", "classification_inputs", "graph_loss", "published_loss"]

@@ -90,6 +90,7 @@ class CSEMethod(SearchMethod):
 
     name = "cse"
     loss_type = "graph"
+    uses_screening_problem = False  # the convergence checks and the simulation bring their own inputs
 
     def __init__(self, config: Any, *, budget: int, seed: int = 0, probe: Any = None, simulator: Any = None,
                  seeds: Any = None, on_warning: Callable[[str], None] | None = None):

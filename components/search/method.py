@@ -47,6 +47,8 @@ class SearchMethod(ABC):
     name: ClassVar[str]
     loss_type: ClassVar[str]  # build_loss type of the method's loss files ("graph" | "surrogate")
     on_warning: Callable[[str], None] | None = None  # where "nothing accepted for a while" messages go
+    uses_screening_problem: ClassVar[bool] = True  # False: `create` gets problem=None (the flow skips building the
+                                                   # task's AutoLoss-Zero probe, e.g. cse brings its own checks)
 
     @classmethod
     @abstractmethod

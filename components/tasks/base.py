@@ -102,6 +102,11 @@ class Task(ABC):
 
         return dict(TASK_BRANCHES[self.name])
 
+    def trains_graph_task(self, graph_task: str) -> bool:
+        """Whether `build_loss` trains a loss graph written for `graph_task` (a loss file's `task`): this task's
+        own, and any other a task declares (detection also trains CSE-AutoLoss's `detection_cse` graphs)."""
+        return graph_task == self.name
+
     # ------------------------------------------------------------------ configuration
     @property
     @abstractmethod

@@ -43,7 +43,7 @@ def resolve_loss(arg: str, task_name: str = "segmentation") -> tuple[str, Any]:
     kind = data.get("format") if isinstance(data, dict) else None
     if kind == loss_json.FORMAT:
         graph = loss_json.load_graph(arg)  # whitelist rebuild
-        if graph.task != task.name:
+        if not task.trains_graph_task(graph.task):
             raise LossforgeError(f"{arg}: a {graph.task} loss, but the task is {task.name} (use --task {graph.task})")
         spec: dict[str, Any] = {"type": "graph", "path": str(path.resolve())}
     elif kind == metric_surrogates.FORMAT and task.name == "segmentation":

@@ -126,7 +126,7 @@ def search(
     metric: Optional[str] = typer.Option(None, help="Target metric of the task (segmentation: mIoU, BF1, ...; "
                                                     "detection: mAP, AP50, AP75; "
                                                     "instance_segmentation: mAP, AP50, AP75, box_mAP)."),
-    method: Optional[str] = typer.Option(None, help="evolution (AutoLoss-Zero) or ppo (Auto Seg-Loss)."),
+    method: Optional[str] = typer.Option(None, help="evolution (AutoLoss-Zero), ppo (Auto Seg-Loss) or cse (CSE-AutoLoss, detection)."),
     budget: Optional[int] = typer.Option(None, help="Number of proxy evaluations."),
     workers: Optional[int] = typer.Option(None, help="Proxy trainings in parallel."),
     runner: Optional[str] = typer.Option(None, help="Task runner: threads, processes, ray, dask."),

@@ -32,6 +32,7 @@ the RPN); a loss that sets ``box_iou_weight`` gets CSE-AutoLoss's IoU weight ``w
 
 from __future__ import annotations
 
+import importlib
 from typing import Any, Callable, Mapping, Optional
 
 import torch
@@ -180,21 +181,26 @@ def baseline_graph(reg_tree: str):
     return LossGraph("detection", branches)
 
 
+GRAPH_TASK_LOSSES: dict[str, str] = {"detection_cse": "components.cse.losses"}
+"""Loss graphs of other tasks this task trains: graph task -> the module whose `graph_loss(graph)` and
+`published_loss(name)` build them. Found by name and imported on use, like the search methods' registry: that
+package (CSE-AutoLoss, which puts its trees on the R-CNN head) depends on this one, not the other way round."""
+
+
+def graph_task_module(graph_task: str) -> Any:
+    """The module registered in GRAPH_TASK_LOSSES for `graph_task` (imported now)."""
+    return importlib.import_module(GRAPH_TASK_LOSSES[graph_task])
+
+
 BASELINES: dict[str, Callable[[], DetectionLoss]] = {
     "ce_smoothl1": TorchvisionLoss,
     "ce_giou": lambda: GraphDetectionLoss(baseline_graph(GIOU_TREE)),
     "ce_iou": lambda: GraphDetectionLoss(baseline_graph(IOU_TREE)),
     # CSE-AutoLoss's published losses on the R-CNN head (components/cse/losses.py; RPN: CE + GIoU)
-    "cse_autoloss_a": lambda: _cse_published("cse_autoloss_a"),
-    "cse_autoloss_b": lambda: _cse_published("cse_autoloss_b"),
+    "cse_autoloss_a": lambda: graph_task_module("detection_cse").published_loss("cse_autoloss_a"),
+    "cse_autoloss_b": lambda: graph_task_module("detection_cse").published_loss("cse_autoloss_b"),
 }
 """Handcrafted detection losses by name."""
-
-
-def _cse_published(name: str) -> DetectionLoss:
-    from components.cse.losses import published_loss
-
-    return published_loss(name)
 
 
 def baseline_loss(name: str) -> DetectionLoss:

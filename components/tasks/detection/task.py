@@ -110,13 +110,14 @@ class DetectionTask(Task):
             raise LossforgeError(f"loss type 'graph': unknown key(s) {', '.join(map(str, unknown))} (accepted: graph, path)")
         return self._graph_loss(self._graph(spec), graph_loss)
 
-    def _graph_loss(self, graph: Any, graph_loss: type) -> Any:
-        """The training loss of a graph: CSE-AutoLoss graphs (task `detection_cse`) on detection's R-CNN head
-        (components/cse/losses.py), else `graph_loss` of a graph of this task."""
-        if graph.task == "detection_cse" and self.name == "detection":
-            from components.cse.losses import CSEDetectionLoss
+    def trains_graph_task(self, graph_task: str) -> bool:
+        return graph_task == self.name or graph_task in getattr(self._module("losses"), "GRAPH_TASK_LOSSES", {})
 
-            return CSEDetectionLoss(graph)
+    def _graph_loss(self, graph: Any, graph_loss: type) -> Any:
+        """The training loss of a graph: another task's graph through the `losses` module's GRAPH_TASK_LOSSES
+        (detection: CSE-AutoLoss's `detection_cse` trees on the R-CNN head), else `graph_loss` of this task's."""
+        if graph.task != self.name and self.trains_graph_task(graph.task):
+            return self._module("losses").graph_task_module(graph.task).graph_loss(graph)
         return graph_loss(self._task_graph(graph))
 
     def _task_graph(self, graph: Any) -> Any:

@@ -19,7 +19,9 @@ Auto Seg-Loss settings.
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 from torch import nn
@@ -27,6 +29,18 @@ from torch import nn
 from components.errors import LossforgeError
 
 MODEL_NAMES = ("deeplabv3plus", "deeplabv3", "unet")
+BACKENDS: dict[str, str] = {
+    "native": "components.tasks.segmentation.trainer",
+    "openmmlab": "components.openmmlab.segmentation_trainer",
+}
+"""`model.backend` -> the module with its `train_proxy` (and, other than native, `check_model_config(model)`).
+Found by name and imported on use, like the search methods' registry: the OpenMMLab adapter depends on this
+task package, not the other way round, and its packages are optional."""
+
+
+def backend_module(name: str) -> Any:
+    """The trainer module of backend `name` (imported now)."""
+    return importlib.import_module(BACKENDS[name])
 TORCHVISION_ENCODERS = ("resnet50", "resnet101", "mobilenet_v3_large")
 BACKBONE_ATTRIBUTES = ("encoder", "backbone")  # parameters under these modules form the backbone group
 
@@ -37,6 +51,10 @@ class ModelConfig:
 
     ``input_size`` is the square side images are resized to for training (proxy: 128, re-training: 512);
     evaluation predicts at that size and upsamples the logits to each mask's own size.
+
+    ``backend``: ``"native"`` (the models below) or ``"openmmlab"``: the segmentor of ``config``, an mmseg config
+    file (``components.openmmlab.segmentation_trainer``; then ``name``/``encoder``/... are unused). The config is
+    loaded and checked here, so a bad one is an error before anything runs.
     """
 
     name: str = "deeplabv3plus"
@@ -45,6 +63,8 @@ class ModelConfig:
     output_stride: int = 16
     input_size: int = 128
     widths: tuple[int, ...] = (16, 32, 64)
+    backend: str = "native"
+    config: str = ""
 
     def __post_init__(self) -> None:
         if isinstance(self.widths, list):
@@ -67,6 +87,12 @@ class ModelConfig:
                 )
             if self.decoder_channels != 256:
                 raise LossforgeError("model.decoder_channels: torchvision deeplabv3 has a fixed head width of 256")
+        if self.backend not in BACKENDS:
+            raise LossforgeError(f"model.backend: must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
+        if self.backend != "native":
+            backend_module(self.backend).check_model_config(self)
+        elif self.config:
+            raise LossforgeError("model.config: only used with model.backend: openmmlab")
 
 
 MODEL_PRESETS: dict[str, ModelConfig] = {

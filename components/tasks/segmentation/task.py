@@ -82,6 +82,8 @@ class SegmentationTask(Task):
 
     def train_proxy(self, losses: Mapping[str, Any], train_ds: Any, eval_ds: Any, config: Any, metric: str,
                     *, on_progress: ProgressCallback | None = None) -> dict[str, ProxyResult]:
-        from components.tasks.segmentation.trainer import train_proxy
+        """Native models, or ``model.backend: openmmlab`` (an mmseg config; the re-training goes through here too)."""
+        from components.tasks.segmentation.models import backend_module
 
+        train_proxy = backend_module(getattr(config.model, "backend", "native")).train_proxy
         return train_proxy(losses, train_ds, eval_ds, config, self.canonical_metric(metric), on_progress=on_progress)
