@@ -56,5 +56,9 @@ uv pip install --python "$PY" --quiet --no-deps mmpose==1.3.2
 uv pip install --python "$PY" --quiet --constraint "$work/constraints.txt" \
   "$(compgen -G "$WHEELS/mmcv-2.1.0-*.whl" | head -1)" "$(compgen -G "$WHEELS/xtcocotools-1.14.3-*.whl" | head -1)" \
   mmengine==0.10.7 mmsegmentation==1.2.2 mmdet==3.3.0 ftfy regex json_tricks munkres
+# mmsegmentation 1.2.2's wheel also installs its own test suite as a top-level package `tests`: a regular package
+# in site-packages wins over the project's tests/ folder (a namespace package) in `import tests.x`, so remove it
+site="$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
+if grep -q '^tests/__init__.py' "$site"/mmsegmentation-*.dist-info/RECORD 2>/dev/null; then rm -rf "$site/tests"; fi
 "$PY" -c "import mmcv.ops, mmseg, mmdet, mmpose; print('openmmlab-install: mmcv', mmcv.__version__, \
 'mmseg', mmseg.__version__, 'mmdet', mmdet.__version__, 'mmpose', mmpose.__version__)"

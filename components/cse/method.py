@@ -25,7 +25,6 @@ Decisions:
 from __future__ import annotations
 
 import logging
-import math
 import random
 from pathlib import Path
 from typing import Any, Callable
@@ -33,21 +32,13 @@ from typing import Any, Callable
 from components.atomic_io import read_json, write_json_atomic
 from components.errors import LossforgeError
 from components.search.method import SearchMethod, register_method
+from components.search.proxy_outcome import COUNTER, RECORD_STATUS, finite, proxy_outcome
 
 STATE_FORMAT = "lossforge.cse-search/1"
 TASK = "detection_cse"
 logger = logging.getLogger("lossforge.search")
 
-_STATUS_OF = {"ok": "evaluated", "nan": "nan-stopped", "failed": "failed"}
-_COUNTER_OF = {"ok": "evaluated", "nan": "nan_stopped", "failed": "failed"}
-
-
-def _finite(value: Any) -> float | None:
-    try:
-        value = float(value)
-    except (TypeError, ValueError):
-        return None
-    return value if math.isfinite(value) else None
+_STATUS_OF, _COUNTER_OF, _finite = RECORD_STATUS, COUNTER, finite
 
 
 def seed_graphs(names: tuple[str, ...] | list[str]) -> list[Any]:
@@ -274,14 +265,8 @@ class CSEMethod(SearchMethod):
         item = self._pending.get(cid)
         if item is None:
             raise LossforgeError(f"search: candidate {candidate_id!r} is not in flight (unknown or already reported)")
-        status = str(getattr(result, "status", None))
-        if status not in _STATUS_OF:
-            raise LossforgeError(f"search: proxy result status must be one of {sorted(_STATUS_OF)}, got {status!r}")
+        status, score = proxy_outcome(result)
         del self._pending[cid]
-        target = _finite(getattr(result, "target", None))
-        if status == "ok" and target is None:
-            status = "nan"
-        score = target if status == "ok" else None
         self.evolution.tell(cid, score, status=status)
         self._counters[_COUNTER_OF[status]] += 1
         record = self._record(cid, item["graph"], item["parent_id"], item["mutation"], item.get("simulation"))

@@ -30,7 +30,6 @@ Decisions:
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -276,26 +275,15 @@ def train_proxy(losses: Mapping[str, nn.Module], train_ds: Any, eval_ds: Any, cf
 
     def step(member: side_by_side.Member, batch: tuple, iteration: int) -> float | None:
         images, _, samples = batch
-        model, opt = member.model, member.optimizer
-        for group in opt.param_groups:
-            group["lr"] = native.poly_lr(group["initial_lr"], iteration - 1, cfg.iterations, cfg.poly_power,
-                                         cfg.min_lr)
-        try:
-            model.train()
-            with _PrivateRNG(rng, member.name, device):
-                loss = total_loss(model.losses(images, samples))
-            value = float(loss.detach())
-            if not math.isfinite(value):
-                member.stop("nan", f"loss was {value} at iteration {iteration}", iteration)
-                return None
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-        except Exception as exc:  # one bad loss never stops the others
-            member.stop("failed", side_by_side.one_line(exc), iteration)
-            return None
-        member.result.iterations, member.result.final_loss = iteration, value
-        return value
+
+        def compute_loss(m: side_by_side.Member) -> Tensor:
+            with _PrivateRNG(rng, m.name, device):
+                return total_loss(m.model.losses(images, samples))
+
+        return side_by_side.optimisation_step(  # backbone / head groups keep their own poly-decayed lr
+            member, compute_loss, iteration,
+            lambda group: native.poly_lr(group["initial_lr"], iteration - 1, cfg.iterations, cfg.poly_power, cfg.min_lr),
+            what="segmentation loss")
 
     def evaluate(models: dict[str, nn.Module]) -> dict[str, Any]:
         return native.evaluate_models(models, eval_ds, cfg, n_classes, device)

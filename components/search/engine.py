@@ -53,7 +53,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import random
 import re
 from dataclasses import dataclass
@@ -63,6 +62,7 @@ from typing import Any, Callable, Mapping
 from components.atomic_io import read_json, write_json_atomic
 from components.errors import LossforgeError
 from components.search.evolution import EvolutionConfig, Individual, RegularizedEvolution, SearchStalledError
+from components.search.proxy_outcome import COUNTER, RECORD_STATUS, field, finite, proxy_outcome
 
 STATE_FORMAT = "lossforge.search/1"
 LOGGER_NAME = "lossforge.search"
@@ -70,8 +70,7 @@ logger = logging.getLogger(LOGGER_NAME)
 
 __all__ = ["Candidate", "SearchEngine", "SearchStalledError", "STATE_FORMAT"]
 
-_STATUS_OF = {"ok": "evaluated", "nan": "nan-stopped", "failed": "failed"}
-_COUNTER_OF = {"ok": "evaluated", "nan": "nan_stopped", "failed": "failed"}
+_STATUS_OF, _COUNTER_OF, _field, _finite = RECORD_STATUS, COUNTER, field, finite
 
 
 @dataclass(frozen=True)
@@ -85,24 +84,9 @@ class Candidate:
     screening: Any  # ScreeningResult
 
 
-def _field(result: Any, name: str, default: Any = None) -> Any:
-    """Attribute of a ProxyResult-like object, or key of a mapping."""
-    if isinstance(result, Mapping):
-        return result.get(name, default)
-    return getattr(result, name, default)
-
-
 def _slug(reason: str) -> str:
     slug = re.sub(r"[^0-9a-zA-Z]+", "_", str(reason) or "unknown").strip("_").lower()
     return slug or "unknown"
-
-
-def _finite(value: Any) -> float | None:
-    try:
-        value = float(value)
-    except (TypeError, ValueError):
-        return None
-    return value if math.isfinite(value) else None
 
 
 def _json_metrics(metrics: Mapping[str, Any] | None) -> dict[str, float | None]:
@@ -418,14 +402,8 @@ class SearchEngine:
         cand = self._pending.get(candidate_id)
         if cand is None:
             raise LossforgeError(f"search: candidate {candidate_id!r} is not in flight (unknown or already reported)")
-        status = str(_field(result, "status", None))
-        if status not in _STATUS_OF:
-            raise LossforgeError(f"search: proxy result status must be one of {sorted(_STATUS_OF)}, got {status!r}")
+        status, score = proxy_outcome(result)
         del self._pending[candidate_id]
-        target = _finite(_field(result, "target", None))
-        if status == "ok" and target is None:
-            status = "nan"  # an "ok" run without a finite target score counts as NaN-stopped
-        score = target if status == "ok" else None
         self.evolution.tell(cand.id, score, status=status)
         self.counters[_COUNTER_OF[status]] += 1
         metrics = _json_metrics(_field(result, "metrics", None))

@@ -37,12 +37,13 @@ import torch
 
 from components.atomic_io import read_json, write_json_atomic
 from components.errors import LossforgeError
+from components.search.proxy_outcome import COUNTER, RECORD_STATUS, proxy_outcome
+from components.search.proxy_outcome import field as _field, finite as _finite
 from components.surrogates.metric_surrogates import SurrogateLoss, SurrogateSpec
 
 STATE_FORMAT = "lossforge.ppo_state/1"
 MU_LIMIT = 1e-4  # μ is kept in [MU_LIMIT, 1 - MU_LIMIT] (finite logit)
-_COUNTER_OF = {"ok": "evaluated", "nan": "nan_stopped", "failed": "failed"}
-_STATUS_OF = {"ok": "evaluated", "nan": "nan-stopped", "failed": "failed"}  # history status, as SearchEngine
+_COUNTER_OF, _STATUS_OF = COUNTER, RECORD_STATUS  # funnel counter / history status, as every search method
 
 
 @dataclass(frozen=True)
@@ -186,20 +187,6 @@ def ppo_update(mu: Sequence[float], thetas: Sequence[Sequence[float]], advantage
 # ----------------------------------------------------------------------------- search
 
 
-def _finite(value: Any) -> float | None:
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        return None
-    return v if math.isfinite(v) else None
-
-
-def _field(result: Any, name: str, default: Any = None) -> Any:
-    if isinstance(result, Mapping):
-        return result.get(name, default)
-    return getattr(result, name, default)
-
-
 class PPOSearch:
     """PPO2 search of a surrogate's θ with the SearchEngine shape used by the flows.
 
@@ -301,12 +288,7 @@ class PPOSearch:
         entry = next((c for c in self._current if c["id"] == candidate_id), None)
         if entry is None or not entry["issued"] or entry["record"] is not None:
             raise LossforgeError(f"ppo: candidate {candidate_id!r} is not in flight (unknown, not handed out or already reported)")
-        status = str(_field(result, "status", None))
-        if status not in _COUNTER_OF:
-            raise LossforgeError(f"ppo: proxy result status must be one of {sorted(_COUNTER_OF)}, got {status!r}")
-        target = _finite(_field(result, "target", None))
-        if status == "ok" and target is None:
-            status = "nan"  # an "ok" run without a finite score counts as NaN-stopped
+        status, target = proxy_outcome(result)
         if status == "ok":
             reward = target
         else:

@@ -78,14 +78,16 @@ def make_members(losses: Mapping[str, Any], template: nn.Module, target_metric: 
     return members
 
 
-def optimisation_step(member: Member, compute_loss: Callable[[Member], torch.Tensor], iteration: int, lr: float, *,
-                      grad_clip: float = 0.0, check_gradient: bool = False, what: str = "loss") -> float | None:
-    """One step of one member at learning rate `lr`: the loss value, or None after stopping the member.
+def optimisation_step(member: Member, compute_loss: Callable[[Member], torch.Tensor], iteration: int,
+                      lr: float | Callable[[dict], float], *, grad_clip: float = 0.0, check_gradient: bool = False,
+                      what: str = "loss") -> float | None:
+    """One step of one member at learning rate `lr` (or `lr(param_group)` per group): the loss value, or None
+    after stopping the member.
 
     The gradient norm is computed (and checked) when clipping, or always with ``check_gradient``."""
     model, opt = member.model, member.optimizer
     for group in opt.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr(group) if callable(lr) else lr
     try:
         model.train()
         total = compute_loss(member)
