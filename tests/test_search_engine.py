@@ -278,7 +278,12 @@ def test_a_search_that_accepts_nothing_warns_every_n_rejections(problem, caplog)
     with caplog.at_level("WARNING", logger="lossforge.search"):
         with pytest.raises(SearchStalledError) as err:
             engine.next_candidate()
-    assert len(messages) == 2 and [r.getMessage() for r in caplog.records] == messages
+    assert len(messages) == 2 and not caplog.records  # the caller shows them (once), the engine does not log them too
+    logged = SearchEngine(problem, config=cfg, screening_config=impossible, seed=0)  # no caller: logged
+    with caplog.at_level("WARNING", logger="lossforge.search"):
+        with pytest.raises(SearchStalledError):
+            logged.next_candidate()
+    assert [r.getMessage() for r in caplog.records] == messages
     assert messages[0].startswith("search: 3 candidates rejected in a row") and "6 candidates" in messages[1]
     for msg in messages:
         assert "\n" not in msg and "best g" in msg and "threshold 10" in msg and "screening.gain: normalized" in msg

@@ -154,9 +154,10 @@ class CSEMethod(SearchMethod):
                        f"{', '.join(f'{k}={v}' for k, v in sorted(self.rejections().items()))}); lower "
                        "cse.min_ap_ratio / cse.min_ap_gain, raise cse.simulation_iterations or seed the search "
                        "(cse.seed_losses)")
-            logger.warning(message)
-            if self.on_warning is not None:
+            if self.on_warning is not None:  # the caller shows it (the flows: run log + console), once
                 self.on_warning(message)
+            else:
+                logger.warning(message)
 
     def _verify_tree(self, branch: str, tree: Any) -> bool:
         """Convergence-property verification of one branch tree (counted in the funnel)."""

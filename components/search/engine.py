@@ -27,7 +27,7 @@ Decisions (tested in tests/test_search_engine.py):
   returning None (None means "budget used").
 - A search that accepts nothing says so: every `config.stall_warning_every` (500) rejected candidates
   in a row, a one-line warning (count, best g seen vs the threshold and gain rule, what to change) goes
-  to the `logging` logger "lossforge.search" and to `on_warning(message)` when given. The streak (count
+  to `on_warning(message)` when given, else to the `logging` logger "lossforge.search". The streak (count
   and best g) is part of the saved state.
 - Funnel counters: generated = accepted + Σ rejected_<reason>; accepted = duplicates + handed out.
 - Multi-branch tasks (the problem has `branch_problems`, e.g. detection): each branch's tree is bred and
@@ -132,7 +132,7 @@ class SearchEngine:
     `cache` an EquivalenceCache for that key (a fresh in-memory one by default, or give `cache_path`).
     `proxy_key` names the proxy-training settings: cached proxy scores are reused only under the
     same key (e.g. a digest of ProxyConfig + target metric), so a changed proxy never reuses stale scores.
-    `on_warning(message)` receives the one-line stall warnings (they are also logged, see the module docstring).
+    `on_warning(message)` receives the one-line stall warnings (without it they are logged, see the module docstring).
     Not thread-safe: call it from the one thread that orchestrates the parallel proxy trainings.
     """
 
@@ -310,9 +310,10 @@ class SearchEngine:
         every = self.config.stall_warning_every
         if every and self.rejected_in_row % every == 0:
             message = self.stall_message()
-            logger.warning(message)
-            if self.on_warning is not None:
+            if self.on_warning is not None:  # the caller shows it (the flows: run log + console), once
                 self.on_warning(message)
+            else:
+                logger.warning(message)
 
     def _best_g_text(self) -> str:
         cfg = self.screening_config

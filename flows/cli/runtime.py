@@ -37,9 +37,11 @@ def configure_prefect(verbose: bool = False) -> None:
     startup_timeout()  # a bad value is one line here, not Prefect's traceback when it is imported
     os.environ.setdefault("DO_NOT_TRACK", "1")
     os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
-    if not verbose:  # INFO logs still go to the Prefect API (the UI); the console shows warnings only
-        for handler in ("CONSOLE", "CONSOLE_FLOW_RUNS", "CONSOLE_TASK_RUNS"):
-            os.environ.setdefault(f"PREFECT_LOGGING_HANDLERS_{handler}_LEVEL", "WARNING")
+    if not verbose:  # INFO logs still go to the Prefect API (the UI); the console shows warnings only, and the
+        # flows' own warnings (a stalled search) once, through the progress display, not a second time as log lines
+        levels = {"CONSOLE": "WARNING", "CONSOLE_FLOW_RUNS": "ERROR", "CONSOLE_TASK_RUNS": "ERROR"}
+        for handler, level in levels.items():
+            os.environ.setdefault(f"PREFECT_LOGGING_HANDLERS_{handler}_LEVEL", level)
 
 
 def _search_info(data: dict[str, Any]) -> str:
