@@ -154,9 +154,10 @@ CSE = {
         "proxy": {"iterations": 4, "batch_size": 2, "eval_batch_size": 4, "seeds": [0]},
         "retrain": {"iterations": 4, "batch_size": 2, "eval_batch_size": 4, "seeds": [0],
                     "baselines": ["cse_autoloss_a"], "top_k": 1},
+        # in the task block, as the demo profile's (which a top-level `cse:` would not override)
+        "cse": {"initial_population": 2, "seed_losses": ["cse_autoloss_a", "cse_autoloss_b"], "images_per_class": 1,
+                "simulation_iterations": 12, "min_ap_ratio": 0.0},  # the reference check: tests/test_cse_simulation.py
     }},
-    "cse": {"initial_population": 2, "seed_losses": ["cse_autoloss_a", "cse_autoloss_b"], "images_per_class": 1,
-            "simulation_iterations": 12, "min_ap_ratio": 0.0},  # the reference check: tests/test_cse_simulation.py
 }
 
 
