@@ -27,7 +27,7 @@ from torch import Tensor
 
 from components.errors import LossforgeError
 from components.tasks.detection.losses import (GIOU_TREE, DetectionLoss, GraphDetectionLoss, baseline_graph,
-                                               regression_inputs)
+                                               graph_regression)
 
 BRANCH_OF = {"cls_rcnn": "cls", "reg_rcnn": "reg"}
 """Faster R-CNN branch -> the `detection_cse` branch whose tree computes it."""
@@ -73,11 +73,7 @@ class CSEDetectionLoss(DetectionLoss):
         if own is None:
             return self.fallback.regression(branch, pred_deltas=pred_deltas, target_deltas=target_deltas,
                                             pred_boxes=pred_boxes, target_boxes=target_boxes, num_sampled=num_sampled)
-        positives = pred_boxes.shape[0]
-        if positives == 0:
-            return pred_deltas.sum() * 0.0
-        loss = self.graph.branch_loss(own, regression_inputs(pred_boxes, target_boxes))
-        return loss * (positives / max(num_sampled, 1))
+        return graph_regression(self.graph, own, pred_deltas, pred_boxes, target_boxes, num_sampled)
 
     def extra_repr(self) -> str:
         return self.graph.formula()

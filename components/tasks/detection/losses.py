@@ -149,11 +149,7 @@ class GraphDetectionLoss(DetectionLoss):
         if branch not in self.graph.branches:
             return self.fallback.regression(branch, pred_deltas=pred_deltas, target_deltas=target_deltas,
                                             pred_boxes=pred_boxes, target_boxes=target_boxes, num_sampled=num_sampled)
-        positives = pred_boxes.shape[0]
-        if positives == 0:
-            return pred_deltas.sum() * 0.0
-        loss = self.graph.branch_loss(branch, regression_inputs(pred_boxes, target_boxes))
-        return loss * (positives / max(num_sampled, 1))
+        return graph_regression(self.graph, branch, pred_deltas, pred_boxes, target_boxes, num_sampled)
 
     def extra_repr(self) -> str:
         return self.graph.formula()
@@ -190,6 +186,17 @@ package (CSE-AutoLoss, which puts its trees on the R-CNN head) depends on this o
 def graph_task_module(graph_task: str) -> Any:
     """The module registered in GRAPH_TASK_LOSSES for `graph_task` (imported now)."""
     return importlib.import_module(GRAPH_TASK_LOSSES[graph_task])
+
+
+def graph_regression(graph: Any, branch: str, pred_deltas: Tensor, pred_boxes: Tensor, target_boxes: Tensor,
+                     num_sampled: int) -> Tensor:
+    """A regression tree of `graph` on the decoded positives' i, u, e, summed over positives and divided by the
+    sampled anchors / proposals (torchvision's normalisation); 0 (with a graph to the deltas) without positives."""
+    positives = pred_boxes.shape[0]
+    if positives == 0:
+        return pred_deltas.sum() * 0.0
+    loss = graph.branch_loss(branch, regression_inputs(pred_boxes, target_boxes))
+    return loss * (positives / max(num_sampled, 1))
 
 
 BASELINES: dict[str, Callable[[], DetectionLoss]] = {
